@@ -1,0 +1,47 @@
+# zipfline: the two commands of the quick start are `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+STORE ?= sqlite:///mlflow.db
+PORT ?= 5000
+
+.PHONY: demo test test-fast lint format ui java clean
+
+# The venv is (re)installed when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "zipfline needs Python 3.11+ (found " + sys.version.split()[0] + ")")'
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+java:
+	@v=$$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\)\(\.\([0-9]*\)\)\{0,1\}.*/\1 \3/p' | head -n1); \
+	set -- $$v; major=$${1:-0}; [ "$$major" = 1 ] && major=$${2:-0}; \
+	if [ "$$major" -lt 17 ] 2>/dev/null || [ -z "$$v" ]; then \
+	  echo "zipfline: Java 17+ is required for Spark (found: $${v:-none}); install it, e.g. apt-get install openjdk-17-jre-headless, or set JAVA_HOME" >&2; exit 2; fi
+
+demo: $(STAMP) java
+	$(BIN)/zipfline run $(ARGS)
+
+test: $(STAMP) java
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not integration" $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check pipelines jobs trainers data_quality tests bench
+	$(BIN)/ruff format --check pipelines jobs trainers data_quality tests bench
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix pipelines jobs trainers data_quality tests bench
+	$(BIN)/ruff format pipelines jobs trainers data_quality tests bench
+
+ui: $(STAMP)
+	$(BIN)/mlflow ui --backend-store-uri $(STORE) --host 127.0.0.1 --port $(PORT)
+
+clean:
+	rm -rf data mlflow.db mlartifacts .pytest_cache

@@ -1,0 +1,1 @@
+"""Data quality: the quarantine writer now; Great Expectations gates per stage later."""

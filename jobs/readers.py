@@ -1,0 +1,225 @@
+"""Reading raw logs in CSV, JSONL and Parquet into one frame (DESIGN §4).
+
+Files are listed through Hadoop's FileSystem (local paths, HDFS, S3 alike), skipping hidden
+``_``/``.`` paths (markers, the generator's ``_truth/``). Each file's schema is checked on its
+own, so a file without a ``query`` column stops the stage naming that file; files that agree
+on a schema are read together. Malformed lines are kept in ``_corrupt_record`` for quarantine,
+and every row carries the file it came from in ``source_file``.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from functools import reduce
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from pipelines.errors import ConfigError, DataError
+
+log = logging.getLogger("zipfline")
+
+CANONICAL = ("query", "label", "ts", "weight")
+CORRUPT = "_corrupt_record"
+SOURCE = "source_file"
+_EXTENSIONS = {
+    ".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
+    ".parquet": "parquet", ".pq": "parquet",
+}  # fmt: skip
+_COMPRESSED = (".gz", ".bz2", ".deflate", ".snappy", ".zst", ".lz4")
+
+
+@dataclass(frozen=True)
+class InputFile:
+    uri: str
+    fmt: str
+
+    @property
+    def local_path(self) -> Path | None:
+        parsed = urlparse(self.uri)
+        return Path(unquote(parsed.path)) if parsed.scheme in ("", "file") else None
+
+
+def format_of(name: str) -> str | None:
+    """The format a file name implies, looking through a compression suffix."""
+    lower = name.lower()
+    for suffix in _COMPRESSED:
+        if lower.endswith(suffix) and not lower.endswith(".parquet" + suffix):
+            lower = lower[: -len(suffix)]
+            break
+    for ext, fmt in _EXTENSIONS.items():
+        if lower.endswith(ext):
+            return fmt
+    return None
+
+
+def list_input_files(spark: SparkSession, path: str, fmt: str, key: str) -> list[InputFile]:
+    """Data files under ``path`` (a file or a folder, recursive), with their formats."""
+    jvm = spark.sparkContext._jvm
+    hpath = jvm.org.apache.hadoop.fs.Path(path)
+    fs = hpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
+    if not fs.exists(hpath):
+        raise ConfigError(f"{key} = {path}: no such file or folder")
+    statuses = []
+    if fs.getFileStatus(hpath).isFile():
+        statuses.append(fs.getFileStatus(hpath))
+    else:
+        it = fs.listFiles(hpath, True)
+        while it.hasNext():
+            statuses.append(it.next())
+    root = hpath.toUri().getPath().rstrip("/")
+    files: list[InputFile] = []
+    skipped: list[str] = []
+    for status in statuses:
+        uri = status.getPath().toString()
+        rel = status.getPath().toUri().getPath()[len(root) :].lstrip("/")
+        if any(part.startswith(("_", ".")) for part in rel.split("/") if part):
+            continue
+        file_fmt = fmt if fmt != "auto" else format_of(status.getPath().getName())
+        if file_fmt is None:
+            skipped.append(uri)
+        elif status.getLen() > 0:
+            files.append(InputFile(uri, file_fmt))
+    if skipped:
+        log.warning("%s: skipped %d file(s) of unknown format, e.g. %s (set %s_format)",
+                    key, len(skipped), skipped[0], key.rsplit("_", 1)[0])
+    return sorted(files, key=lambda f: f.uri)
+
+
+def _canonical(name: str) -> str:
+    clean = name.strip().lstrip("\ufeff").strip()
+    return clean.lower() if clean.lower() in CANONICAL else clean
+
+
+def _csv_header(spark: SparkSession, f: InputFile) -> list[str]:
+    local = f.local_path
+    if local is None:
+        return spark.read.option("header", True).csv(f.uri).columns
+    opener = gzip.open if local.name.lower().endswith(".gz") else open
+    with opener(local, "rb") as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
+        delimiter = "\t" if local.name.lower().rstrip(".gz").endswith(".tsv") else ","
+        return next(csv.reader(text, delimiter=delimiter), [])
+
+
+def _parquet_schema(spark: SparkSession, f: InputFile) -> tuple[tuple[str, str], ...]:
+    local = f.local_path
+    if local is None:
+        return tuple((fl.name, fl.dataType.simpleString()) for fl in spark.read.parquet(f.uri).schema)
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(local)
+    except Exception as exc:  # pyarrow raises several types for a broken footer
+        raise DataError(f"{f.uri}: not a readable Parquet file ({exc})") from exc
+    return tuple((fl.name, str(fl.type)) for fl in schema)
+
+
+def _check_columns(f: InputFile, columns: list[str]) -> list[str]:
+    names = [_canonical(c) for c in columns]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise DataError(f"{f.uri}: duplicate column(s) {', '.join(dupes)}")
+    if "query" not in names:
+        found = ", ".join(columns) if columns else "no header"
+        raise DataError(f"{f.uri}: missing the required column 'query' (found: {found})")
+    return names
+
+
+def _normalized(df: DataFrame) -> DataFrame:
+    """Canonical column names, the canonical columns as strings, ``source_file`` attached."""
+    df = df.withColumn(SOURCE, F.col("_metadata.file_path"))
+    for name in df.columns:
+        canon = _canonical(name)
+        if canon != name:
+            df = df.withColumnRenamed(name, canon)
+    for name in CANONICAL:
+        if name in df.columns:
+            df = df.withColumn(name, F.col(name).cast("string"))
+    return df
+
+
+def _read_csv(spark: SparkSession, files: list[InputFile]) -> list[DataFrame]:
+    groups: dict[tuple[str, ...], list[str]] = defaultdict(list)
+    for f in files:
+        groups[tuple(_check_columns(f, _csv_header(spark, f)))].append(f.uri)
+    frames = []
+    for names, uris in groups.items():
+        schema = T.StructType(
+            [T.StructField(n, T.StringType()) for n in names]
+            + [T.StructField(CORRUPT, T.StringType())]
+        )
+        sep = "\t" if uris[0].lower().rstrip(".gz").endswith(".tsv") else ","
+        reader = (
+            spark.read.schema(schema)
+            .option("header", True)
+            .option("multiLine", True)
+            .option("escape", '"')
+            .option("sep", sep)
+            .option("mode", "PERMISSIVE")
+            .option("columnNameOfCorruptRecord", CORRUPT)
+            .option("encoding", "UTF-8")
+        )
+        frames.append(_normalized(reader.csv(uris)))
+    return frames
+
+
+def _read_jsonl(spark: SparkSession, files: list[InputFile]) -> list[DataFrame]:
+    uris = [f.uri for f in files]
+    df = (
+        spark.read.option("mode", "PERMISSIVE")
+        .option("columnNameOfCorruptRecord", CORRUPT)
+        .option("primitivesAsString", True)
+        .json(uris)
+    )
+    names = [_canonical(c) for c in df.columns]
+    if "query" not in names:
+        shown = ", ".join(uris[:3]) + (" …" if len(uris) > 3 else "")
+        raise DataError(f"{shown}: missing the required field 'query' (found: {', '.join(df.columns)})")
+    if CORRUPT not in df.columns:
+        df = df.withColumn(CORRUPT, F.lit(None).cast("string"))
+    return [_normalized(df)]
+
+
+def _read_parquet(spark: SparkSession, files: list[InputFile]) -> list[DataFrame]:
+    groups: dict[tuple[tuple[str, str], ...], list[str]] = defaultdict(list)
+    for f in files:
+        schema = _parquet_schema(spark, f)
+        _check_columns(f, [name for name, _ in schema])
+        groups[schema].append(f.uri)
+    frames = []
+    for uris in groups.values():
+        df = _normalized(spark.read.parquet(*uris))
+        frames.append(df.withColumn(CORRUPT, F.lit(None).cast("string")))
+    return frames
+
+
+_READERS = {"csv": _read_csv, "jsonl": _read_jsonl, "parquet": _read_parquet}
+
+
+def read_raw(spark: SparkSession, path: str, fmt: str, key: str) -> DataFrame:
+    """All rows under ``path`` as one frame: canonical columns as strings, extras as they are,
+    ``_corrupt_record`` for malformed lines and ``source_file``.
+
+    A missing path is a :class:`ConfigError` (exit 2); no data files, or a file without a
+    ``query`` column, a :class:`DataError` (exit 1) naming the path or file.
+    """
+    files = list_input_files(spark, path, fmt, key)
+    if not files:
+        raise DataError(f"no rows: {key} = {path} holds no non-empty CSV, JSONL or Parquet files")
+    by_fmt: dict[str, list[InputFile]] = defaultdict(list)
+    for f in files:
+        by_fmt[f.fmt].append(f)
+    frames = [frame for fmt_, group in by_fmt.items() for frame in _READERS[fmt_](spark, group)]
+    try:
+        return reduce(lambda a, b: a.unionByName(b, allowMissingColumns=True), frames)
+    except Exception as exc:  # AnalysisException on conflicting extra-column types
+        raise DataError(f"{key} = {path}: files disagree on column types ({exc})") from exc

@@ -1,0 +1,78 @@
+"""train: data-parallel PyTorch on the shards, launched by Spark's TorchDistributor.
+
+Writes ``model.pt`` (weights, model spec, labels, featurizer settings), ``train_result.json``
+(timings, stop reason, the validation curve), ``train_spec.json`` (what a ``torchrun`` launch of
+the same training needs) and ``model/``, the MLflow pyfunc that predicts from raw text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+if not __package__:  # started as a script by spark-submit: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipelines.stage import RunContext, StageResult
+from trainers.data import load_manifest
+from trainers.featurizer import Featurizer
+from trainers.launch import launch_distributor
+from trainers.serving import save_pyfunc
+from trainers.trainer import MODEL_FILE, RESULT_FILE
+
+STAGE = "train"
+SPEC_FILE = "train_spec.json"
+PYFUNC_DIR = "model"
+
+
+def run(ctx: RunContext, out: Path) -> StageResult:
+    cfg = ctx.cfg
+    shard_dir = ctx.require("shard")
+    manifest = load_manifest(shard_dir)
+    spec = {
+        "shard_dir": str(shard_dir),
+        "out_dir": str(out),
+        "train": dataclasses.asdict(cfg.train),
+        "model": {"dim": cfg.model.dim, "hidden": list(cfg.model.hidden)},
+        "featurizer": Featurizer.from_config(cfg.featurizer).settings(),
+    }
+    (out / SPEC_FILE).write_text(json.dumps(spec, indent=2))
+    _ = ctx.spark  # TorchDistributor runs inside the active Spark session
+    result = launch_distributor(
+        spec, cfg.train.world_size, local_mode=cfg.train.local_mode, use_gpu=cfg.train.use_gpu
+    )
+    save_pyfunc(out / MODEL_FILE, out / PYFUNC_DIR)
+    n_train = int(manifest["splits"]["train"]["rows"])
+    n_val = int(manifest["splits"]["validation"]["rows"])
+    t = cfg.train
+    return StageResult(
+        rows_in=n_train + n_val,
+        rows_out=n_train + n_val,
+        params={
+            "precision": t.precision, "world_size": t.world_size, "mode": t.mode,
+            "batch_size": t.batch_size, "lr": t.lr, "model_capacity": result["model_capacity"],
+            "n_train": n_train, "time_budget_s": t.time_budget_s, "tolerance": t.tolerance,
+            "seed": t.seed, "epochs": t.epochs, "optimizer": "adagrad",
+        },  # fmt: skip
+        metrics={
+            k: float(result[k])
+            for k in ("time_used_s", "steps", "step_time_s", "samples_per_s", "train_loss",
+                      "val_loss", "val_accuracy", "epochs_run")
+        },  # fmt: skip
+        tags={"stopped_by": result["stopped_by"]},
+        artifacts=[RESULT_FILE, SPEC_FILE],
+        model=MODEL_FILE,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``spark-submit jobs/train.py --env E --set k=v``."""
+    from pipelines.cli import stage_main
+
+    return stage_main(STAGE, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""zipfline pipelines: the flow graph, the CLI, config, tracking."""

@@ -1,0 +1,229 @@
+"""The ``zipfline`` command line (DESIGN §6): parse, load config, call the pipeline.
+
+Exit codes: 0 success or nothing to do, 1 a failure in the data or a gate, 2 a usage or config
+error. A failure prints one line saying what and where; the traceback only under ``--verbose``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import shutil
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from pipelines.config import Config, load_config
+from pipelines.errors import ConfigError, ZipflineError
+
+log = logging.getLogger("zipfline")
+
+
+def _common(parser: argparse.ArgumentParser, *, config: bool = True) -> None:
+    parser.add_argument("--verbose", "-v", action="store_true", help="tracebacks and debug logs")
+    if config:
+        parser.add_argument("--env", default="local", help="config overlay conf/<env>/ (default: local)")
+        parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                            help="override a config key, e.g. --set train.world_size=2 (repeatable)")  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pipelines.flow import STAGES
+
+    parser = argparse.ArgumentParser(
+        prog="zipfline",
+        description="Pipelines for large-scale learning on Zipf-distributed data.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the whole flow, or a slice of it")
+    _common(run)
+    run.add_argument("--from", dest="start", choices=STAGES, help="first stage to run")
+    run.add_argument("--to", dest="stop", choices=STAGES, help="last stage to run")
+    run.add_argument("--run-date", help="YYYY-MM-DD (default: today, UTC)")
+    run.add_argument("--force", action="store_true", help="redo stages that finished before")
+    run.set_defaults(handler=cmd_run)
+
+    gen = sub.add_parser("generate", help="write a synthetic Zipf query log with known truth")
+    _common(gen)
+    gen.add_argument("--out", required=True, help="folder to write (must not exist, or --force)")
+    gen.add_argument("--events", type=int, help="number of events (default: generate.num_events)")
+    gen.add_argument("--seed", type=int, help="seed (default: generate.seed)")
+    gen.add_argument("--format", choices=("csv", "jsonl", "parquet"), help="file format")
+    gen.add_argument("--force", action="store_true", help="replace --out if it exists")
+    gen.set_defaults(handler=cmd_generate)
+
+    rep = sub.add_parser("report", help="a run's summary from MLflow")
+    _common(rep)
+    rep.add_argument("run_id", nargs="?", help="parent run id (default: the latest run)")
+    rep.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    rep.set_defaults(handler=cmd_report)
+    return parser
+
+
+def _config(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
+    return load_config(args.env, [*args.overrides, *extra])
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipelines.flow import run_pipeline
+    from pipelines.stage import RunContext
+
+    cfg = _config(args)
+    ctx = RunContext(cfg, args.run_date, force=args.force)
+    summary = run_pipeline(ctx, start=args.start, stop=args.stop)
+    print(format_summary(summary, cfg))
+    return 0
+
+
+def format_summary(summary, cfg: Config) -> str:  # noqa: ANN001
+    """The closing table of a run and where to look next."""
+    lines = ["", f"{'stage':<10}{'seconds':>9}{'rows_in':>12}{'rows_out':>12}{'quarantined':>13}{'merged':>11}"]
+    for name, r in summary.results.items():
+        secs = "skipped" if name in summary.skipped else f"{r.seconds:.1f}"
+        lines.append(
+            f"{name:<10}{secs:>9}{r.rows_in:>12,}{r.rows_out:>12,}{r.rows_quarantined:>13,}{r.rows_merged:>11,}"
+        )
+    ev = summary.results.get("evaluate")
+    tr = summary.results.get("train")
+    if ev:
+        m = ev.metrics
+        lines.append("")
+        lines.append(
+            f"test_error {m['test_error']:.4f}  weighted {m['test_error_weighted']:.4f}  "
+            f"breadth {m['breadth']:.3f}  acc head/torso/tail "
+            f"{m['acc_head']:.3f}/{m['acc_torso']:.3f}/{m['acc_tail']:.3f}"
+        )
+        extra = [f"{k} {m[k]:.4f}" for k in ("baseline_error", "bayes_error") if k in m]
+        if extra:
+            lines.append("  ".join(extra))
+    if tr:
+        lines.append(
+            f"train: {int(tr.metrics['steps'])} steps, {tr.metrics['samples_per_s']:,.0f} samples/s, "
+            f"stopped by {tr.tags.get('stopped_by')} after {tr.metrics['time_used_s']:.1f}s"
+        )
+    uri = cfg.tracking.uri
+    lines += [
+        "",
+        f"MLflow run {summary.run_id} ({summary.seconds:.0f}s)  store {uri}",
+        f"data:     {Path(cfg.data.root).resolve() / summary.run_date}",
+        "report:   zipfline report        (or --json)",
+        f"UI:       make ui   (mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, "
+        "then http://127.0.0.1:5000)",
+    ]
+    return "\n".join(lines)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from jobs.generate import generate_log
+    from pipelines.spark import get_spark
+
+    extra = [f"generate.num_events={args.events}"] if args.events is not None else []
+    extra += [f"generate.seed={args.seed}"] if args.seed is not None else []
+    extra += [f"generate.format={args.format}"] if args.format else []
+    cfg = _config(args, extra)
+    out = Path(args.out).expanduser().resolve()
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise ConfigError(f"--out {out}: exists and is not empty (use --force to replace it)")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        result = generate_log(get_spark(cfg.spark), cfg.generate, tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    g = cfg.generate
+    print(f"wrote {result.rows_out:,} events ({g.num_queries:,} distinct queries, {g.num_labels} labels, "
+          f"{g.format}) to {out}; truth in {out / '_truth'}")  # fmt: skip
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipelines.report import print_report
+
+    print_report(_config(args).tracking, args.run_id, args.json)
+    return 0
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s" if verbose else "zipfline: %(message)s",
+        stream=sys.stderr,
+    )
+    if not verbose:
+        for noisy in ("py4j", "mlflow", "alembic", "urllib3", "git", "distributed"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+_ERROR_LINE = re.compile(r"^\s*([A-Za-z_.]*(?:Error|Exception)): (.+)$")
+
+
+def one_line(exc: BaseException) -> str:
+    """The most telling line of an unexpected error: for a Python error raised inside a Spark
+    worker, the worker's own last ``SomeError: message`` line, not the JVM wrapper's."""
+    text = str(exc).strip()
+    found = [m for m in map(_ERROR_LINE.match, text.splitlines()) if m]
+    if found:
+        name, message = found[-1].groups()
+        return f"{name.rsplit('.', 1)[-1]}: {message.strip()[:500]}"
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first[:500]}"
+
+
+def _guarded(fn: Callable[[], int], verbose: bool) -> int:
+    try:
+        return fn()
+    except ZipflineError as exc:
+        if verbose:
+            traceback.print_exc()
+        print(f"zipfline: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("zipfline: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug or a backend failure we did not anticipate: still one line
+        if verbose:
+            traceback.print_exc()
+        print(f"zipfline: error: {one_line(exc)} (rerun with --verbose for the traceback)",
+              file=sys.stderr)  # fmt: skip
+        return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``zipfline`` console script and ``python -m pipelines``."""
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    return _guarded(lambda: args.handler(args), args.verbose)
+
+
+def stage_main(stage: str, argv: Sequence[str] | None = None) -> int:
+    """``spark-submit jobs/<stage>.py [--env E] [--set k=v]... [--run-date D] [--force]``: one
+    stage alone, tracked like any run."""
+    parser = argparse.ArgumentParser(prog=f"jobs/{stage}.py", description=f"the {stage} stage alone")
+    _common(parser)
+    parser.add_argument("--run-date", help="YYYY-MM-DD (default: today, UTC)")
+    parser.add_argument("--force", action="store_true", help="redo the stage if it finished before")
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+
+    def go() -> int:
+        from pipelines.flow import run_pipeline
+        from pipelines.stage import RunContext
+
+        cfg = _config(args)
+        summary = run_pipeline(RunContext(cfg, args.run_date, force=args.force), start=stage, stop=stage)
+        print(format_summary(summary, cfg))
+        return 0
+
+    return _guarded(go, args.verbose)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,431 @@
+"""The one config loader: YAML under ``conf/base/`` merged with ``conf/<env>/`` and ``--set``.
+
+Config is loaded into frozen dataclasses and validated before any work starts (DESIGN §5). An
+unknown key or a bad value raises :class:`ConfigError` naming the key, the value and what is
+allowed. Only ``yaml.safe_load`` is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipelines.errors import ConfigError
+
+Format = Literal["auto", "csv", "jsonl", "parquet"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    raw_path: str | None = None
+    """Raw logs to ingest: a file or a folder (read recursively). Empty: ``generate`` makes them."""
+    raw_format: Format = "auto"
+    """Format of the raw files; ``auto`` picks it per file from the extension."""
+    test_path: str | None = None
+    """Optional external test set (same columns plus optional ``weight``); replaces the test split."""
+    test_format: Format = "auto"
+    """Format of the external test set; ``auto`` picks it per file from the extension."""
+    root: str = "data"
+    """Where every stage writes ``<root>/<run_date>/<stage>/``."""
+    labels: tuple[str, ...] = ()
+    """Allowed labels; when set, any other label is quarantined as ``unknown_label``."""
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    num_events: int = 200_000
+    """Events (log lines) to generate."""
+    num_queries: int = 20_000
+    """Distinct queries in the generator's universe."""
+    num_labels: int = 12
+    """Categories (labels)."""
+    zipf_exponent: float = 1.05
+    """Exponent s of query popularity p(rank) ∝ rank^(-s)."""
+    unlabeled_fraction: float = 0.1
+    """Share of events that carry no label."""
+    ambiguous_fraction: float = 0.1
+    """Share of distinct queries whose labels split between two categories."""
+    label_noise: float = 0.03
+    """Probability mass an unambiguous query spreads over the other labels."""
+    dirty_fraction: float = 0.002
+    """Share of events made messy on purpose (blank, too long, odd case and spacing)."""
+    format: Literal["csv", "jsonl", "parquet"] = "csv"
+    """File format of the generated log."""
+    num_files: int = 4
+    """Files the generated log is written as."""
+    seed: int = 7
+    """Seed: the same seed gives the same log whatever the partitioning."""
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "generate", ("num_events", "num_queries", "num_files"))
+        if self.num_labels < 2:
+            raise ConfigError(f"generate.num_labels = {self.num_labels}: must be at least 2")
+        if self.zipf_exponent <= 0:
+            raise ConfigError(f"generate.zipf_exponent = {self.zipf_exponent}: must be > 0")
+        for name in ("unlabeled_fraction", "ambiguous_fraction", "label_noise", "dirty_fraction"):
+            _check_fraction(f"generate.{name}", getattr(self, name), upper_open=True)
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    max_query_chars: int = 1024
+    """Queries longer than this (after normalization) are quarantined as ``too_long``."""
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "ingest", ("max_query_chars",))
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    validation_fraction: float = 0.1
+    """Share of near-duplicate clusters that go to validation."""
+    test_fraction: float = 0.1
+    """Share of clusters that go to test (ignored when ``data.test_path`` is set)."""
+    head_share: float = 0.5
+    """Traffic share of the most frequent queries that form the ``head`` bucket."""
+    torso_share: float = 0.4
+    """Traffic share of the next queries that form the ``torso`` bucket; the rest is ``tail``."""
+    seed: int = 0
+    """Seed of the split hash."""
+
+    def __post_init__(self) -> None:
+        _check_fraction("split.validation_fraction", self.validation_fraction, upper_open=True)
+        _check_fraction("split.test_fraction", self.test_fraction, upper_open=True)
+        if self.validation_fraction + self.test_fraction >= 1:
+            raise ConfigError(
+                "split.validation_fraction + split.test_fraction = "
+                f"{self.validation_fraction + self.test_fraction}: must be below 1"
+            )
+        _check_fraction("split.head_share", self.head_share, upper_open=True)
+        _check_fraction("split.torso_share", self.torso_share, upper_open=True)
+        if self.head_share + self.torso_share > 1:
+            raise ConfigError("split.head_share + split.torso_share must be at most 1")
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    shards_per_worker: int = 2
+    """Shards written per training worker: ``train.world_size × shards_per_worker`` in all."""
+    sampling: Literal["unique", "count", "sqrt_count"] = "sqrt_count"
+    """Training weight of a distinct query: 1, its count, or the square root of its count."""
+    seed: int = 0
+    """Seed of the shard shuffle."""
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "shard", ("shards_per_worker",))
+
+
+@dataclass(frozen=True)
+class FeaturizerConfig:
+    num_buckets: int = 1 << 20
+    """Hash buckets of the n-gram embedding table."""
+    word_ngrams: int = 2
+    """Word n-grams from 1 up to this length."""
+    char_ngram_min: int = 0
+    """Shortest character n-gram (0 turns character n-grams off)."""
+    char_ngram_max: int = 0
+    """Longest character n-gram (0 turns character n-grams off)."""
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "featurizer", ("num_buckets", "word_ngrams"))
+        if self.num_buckets > 2**31 - 1:
+            raise ConfigError(f"featurizer.num_buckets = {self.num_buckets}: must fit in int32")
+        if (self.char_ngram_min == 0) != (self.char_ngram_max == 0) or (
+            self.char_ngram_min > self.char_ngram_max
+        ):
+            raise ConfigError(
+                f"featurizer.char_ngram_min/max = {self.char_ngram_min}/{self.char_ngram_max}: "
+                "both 0 (off), or 1 <= min <= max"
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    dim: int = 64
+    """Embedding dimension."""
+    hidden: tuple[int, ...] = ()
+    """Sizes of optional hidden layers between the embedding bag and the output."""
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "model", ("dim",))
+        if any(h <= 0 for h in self.hidden):
+            raise ConfigError(f"model.hidden = {list(self.hidden)}: sizes must be positive")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    world_size: int = 2
+    """Training processes (data-parallel workers)."""
+    precision: Literal["fp64", "fp32", "bf16", "fp16"] = "fp32"
+    """Numeric precision; ``fp16`` needs a GPU (it uses a gradient scaler)."""
+    mode: Literal["sync"] = "sync"
+    """Update mode across workers."""
+    time_budget_s: float = 60.0
+    """Wall-clock budget for the whole training; all ranks stop at the same step."""
+    epochs: int = 5
+    """Upper bound on passes over the training shards."""
+    batch_size: int = 256
+    """Examples per worker per step."""
+    lr: float = 0.5
+    """Learning rate (Adagrad)."""
+    tolerance: float = 1e-3
+    """ρ: stop early when validation loss improves by less than this after an epoch."""
+    use_gpu: bool = False
+    """Train on CUDA devices (one per local rank, NCCL) instead of CPU (gloo)."""
+    local_mode: bool = True
+    """TorchDistributor local mode (processes on the driver) or barrier tasks on executors."""
+    seed: int = 0
+    """Seed of initialization and of the per-epoch shuffle."""
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "train", ("world_size", "epochs", "batch_size"))
+        for name in ("time_budget_s", "lr"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} = {getattr(self, name)}: must be > 0")
+        if self.tolerance < 0:
+            raise ConfigError(f"train.tolerance = {self.tolerance}: must be >= 0")
+        if self.precision == "fp16" and not self.use_gpu:
+            raise ConfigError(
+                "train.precision = fp16 needs a GPU (set train.use_gpu=true on CUDA nodes); "
+                "on CPU use bf16 or fp32"
+            )
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    breadth_recall: float = 0.8
+    """A label counts towards ``breadth`` when its recall on the test set is at least this."""
+
+    def __post_init__(self) -> None:
+        _check_fraction("eval.breadth_recall", self.breadth_recall, upper_open=False)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str = "sqlite:///mlflow.db"
+    """MLflow tracking URI; relative sqlite paths are relative to the working folder."""
+    experiment: str = "zipfline"
+    """MLflow experiment name."""
+
+
+@dataclass(frozen=True)
+class SparkConfig:
+    master: str = "local[*]"
+    """Spark master; ignored under ``spark-submit``, which sets its own."""
+    app_name: str = "zipfline"
+    """Spark application name."""
+    driver_memory: str = "4g"
+    """Driver memory for the embedded local session."""
+    shuffle_partitions: int = 8
+    """``spark.sql.shuffle.partitions``."""
+    conf: dict[str, str] = field(default_factory=dict)
+    """Extra Spark settings, passed as they are."""
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "spark", ("shuffle_partitions",))
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    shard: ShardConfig = field(default_factory=ShardConfig)
+    featurizer: FeaturizerConfig = field(default_factory=FeaturizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    spark: SparkConfig = field(default_factory=SparkConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples as lists), for logging and for YAML round trips."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _check_positive(obj: Any, section: str, names: tuple[str, ...]) -> None:
+    for name in names:
+        if getattr(obj, name) <= 0:
+            raise ConfigError(f"{section}.{name} = {getattr(obj, name)}: must be a positive number")
+
+
+def _check_fraction(key: str, value: float, *, upper_open: bool) -> None:
+    ok = 0 <= value < 1 if upper_open else 0 <= value <= 1
+    if not ok:
+        bound = "[0, 1)" if upper_open else "[0, 1]"
+        raise ConfigError(f"{key} = {value}: must be in {bound}")
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def default_conf_dir() -> Path:
+    """The conf folder: ``$ZIPFLINE_CONF_DIR``, else ``./conf`` when it has ``base/``, else the
+    one shipped beside the package (an editable install from the repository)."""
+    env = os.environ.get("ZIPFLINE_CONF_DIR")
+    if env:
+        return Path(env)
+    cwd_conf = Path.cwd() / "conf"
+    if (cwd_conf / "base").is_dir():
+        return cwd_conf
+    return Path(__file__).resolve().parents[1] / "conf"
+
+
+def load_config(
+    env: str = "local",
+    overrides: typing.Sequence[str] = (),
+    conf_dir: Path | None = None,
+) -> Config:
+    """Merge ``conf/base/*.yaml``, ``conf/<env>/*.yaml`` and ``--set`` overrides; validate.
+
+    ``env`` ``local`` may be absent (it is git-ignored); any other env must exist.
+    """
+    conf_dir = conf_dir or default_conf_dir()
+    base = conf_dir / "base"
+    if not base.is_dir():
+        raise ConfigError(f"config folder {base} not found (set ZIPFLINE_CONF_DIR or run from the repo)")
+    merged: dict[str, Any] = {}
+    for path in sorted(base.glob("*.y*ml")):
+        _deep_merge(merged, _read_yaml(path), str(path))
+    env_dir = conf_dir / env
+    if env_dir.is_dir():
+        for path in sorted(env_dir.glob("*.y*ml")):
+            _deep_merge(merged, _read_yaml(path), str(path))
+    elif env != "local":
+        known = sorted(p.name for p in conf_dir.iterdir() if p.is_dir() and p.name != "base")
+        raise ConfigError(f"--env {env}: no folder {env_dir} (known envs: {', '.join(known) or 'none'})")
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(merged, key, value)
+    return build(Config, merged, "")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``dotted.key=value`` → (key, YAML-parsed value); an empty value means null."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or "." not in key:
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. train.world_size=2")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _set_dotted(target: dict[str, Any], key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    node = target
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {part} is not a section")
+        node = child
+    node[last] = value
+
+
+def _deep_merge(target: dict[str, Any], update: dict[str, Any], source: str) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _deep_merge(target[key], value, source)
+        else:
+            target[key] = value
+
+
+_T = typing.TypeVar("_T")
+
+
+def build(cls: type[_T], data: Any, prefix: str) -> _T:
+    """Build dataclass ``cls`` from a mapping, converting and checking every field's type."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} = {data!r}: expected a mapping")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        key = f"{prefix}{unknown[0]}"
+        raise ConfigError(
+            f"unknown config key {key!r} (allowed in {prefix.rstrip('.') or 'the top level'}: "
+            f"{', '.join(sorted(fields))})"
+        )
+    kwargs = {
+        name: _convert(hints[name], data[name], f"{prefix}{name}") for name in fields if name in data
+    }
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - dataclass signature mismatch is a bug
+        raise ConfigError(f"{prefix or 'config'}: {exc}") from exc
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, f"{key}.")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(
+                f"{key} = {value!r}: not allowed (allowed: {', '.join(map(str, args))})"
+            )
+        return value
+    if origin is tuple:
+        items = value if isinstance(value, list | tuple) else [value]
+        if value in (None, ""):
+            items = []
+        return tuple(_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(items))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} = {value!r}: expected a mapping")
+        return {str(k): str(v) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} = {value!r}: expected true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} = {value!r}: expected an integer")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} = {value!r}: expected a number")
+    if tp is str:
+        if value is None or isinstance(value, dict | list):
+            raise ConfigError(f"{key} = {value!r}: expected a string")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported config type {tp}")  # pragma: no cover

@@ -1,0 +1,38 @@
+"""The one error hierarchy of zipfline.
+
+Every user-facing failure derives from :class:`ZipflineError`. Each carries the exit code the
+CLI returns for it (DESIGN §6: 1 for data or gate failures, 2 for usage or config errors) and a
+message that names what and where; the cause is chained with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+
+class ZipflineError(Exception):
+    """Base class: a failure the CLI reports in one line, without a traceback."""
+
+    exit_code: int = 1
+
+
+class ConfigError(ZipflineError):
+    """A bad config key or value, a missing env overlay, a bad command-line argument."""
+
+    exit_code = 2
+
+
+class EnvironmentProblem(ZipflineError):
+    """Something the machine lacks (Java, a package) that must be installed first."""
+
+    exit_code = 2
+
+
+class DataError(ZipflineError):
+    """The input data cannot be processed: no rows, a file with the wrong schema, bad counts."""
+
+    exit_code = 1
+
+
+class StageError(ZipflineError):
+    """A stage failed for a reason other than its input data (a subprocess, a launcher)."""
+
+    exit_code = 1

@@ -1,0 +1,112 @@
+"""``zipfline report``: a pipeline run's summary, read back from MLflow (DESIGN §6)."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from pipelines.config import TrackingConfig
+from pipelines.errors import DataError
+from pipelines.tracking import COUNT_KEYS, PARENT_TAG, REASON_PREFIX, connect
+
+HEADLINE = (
+    "test_error", "test_error_weighted", "test_logloss", "breadth", "acc_head", "acc_torso",
+    "acc_tail", "baseline_error", "bayes_error", "steps", "step_time_s", "samples_per_s",
+    "time_used_s",
+)  # fmt: skip
+TOP_TAGS = ("run_date", "trigger", "git_sha", "stopped_by", "bayes_known")
+
+
+def _stage_entry(run: Any) -> dict[str, Any]:
+    metrics = run.data.metrics
+    entry: dict[str, Any] = {k: int(metrics.get(k, 0)) for k in COUNT_KEYS}
+    entry["quarantined_by_reason"] = {
+        k.removeprefix(REASON_PREFIX): int(v) for k, v in sorted(metrics.items()) if k.startswith(REASON_PREFIX)
+    }
+    if "clusters" in metrics:
+        entry["clusters"] = int(metrics["clusters"])
+    entry["seconds"] = metrics.get("stage_seconds")
+    entry["skipped"] = run.data.tags.get("skipped") == "true"
+    entry["status"] = run.info.status
+    return entry
+
+
+def report_data(cfg: TrackingConfig, run_id: str | None = None) -> dict[str, Any]:
+    """One JSON-ready object: ``run_id``, ``status``, params, metrics and tags at the top level,
+    the flattened config under ``config``, and ``stages`` with each stage's counts."""
+    experiment = connect(cfg)
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient()
+    if run_id:
+        try:
+            parent = client.get_run(run_id)
+        except Exception as exc:  # MlflowException: RESOURCE_DOES_NOT_EXIST
+            raise DataError(f"run {run_id} not found in {cfg.uri}") from exc
+    else:
+        found = client.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` = 'pipeline'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if not found:
+            raise DataError(f"no zipfline runs in experiment {cfg.experiment!r} at {cfg.uri}")
+        parent = found[0]
+    rid = parent.info.run_id
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{rid}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=100,
+    )
+    data: dict[str, Any] = {"run_id": rid, "status": parent.info.status}
+    for key in TOP_TAGS:
+        if key in parent.data.tags:
+            data[key] = parent.data.tags[key]
+    data |= {k: v for k, v in parent.data.params.items() if "." not in k}
+    data |= dict(parent.data.metrics)
+    data["config"] = {k: v for k, v in parent.data.params.items() if "." in k}
+    data["stages"] = {c.data.tags.get("stage", c.info.run_name): _stage_entry(c) for c in children}
+    return data
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+    return str(value)
+
+
+def format_report(data: dict[str, Any]) -> str:
+    """The human-readable table of :func:`report_data`."""
+    lines = [
+        f"run {data['run_id']}  {data['status']}  date {data.get('run_date', '?')}  "
+        f"trigger {data.get('trigger', '?')}",
+        "",
+        f"{'stage':<10}{'rows_in':>12}{'rows_out':>12}{'quarantined':>13}{'merged':>12}{'seconds':>9}",
+    ]
+    for name, s in data["stages"].items():
+        secs = "skipped" if s["skipped"] else _fmt(s["seconds"] or 0.0)
+        lines.append(
+            f"{name:<10}{s['rows_in']:>12,}{s['rows_out']:>12,}{s['rows_quarantined']:>13,}"
+            f"{s['rows_merged']:>12,}{secs:>9}"
+        )
+        if s["quarantined_by_reason"]:
+            reasons = ", ".join(f"{k} {v:,}" for k, v in s["quarantined_by_reason"].items())
+            lines.append(f"{'':<10}  quarantined: {reasons}")
+    shown = [(k, data[k]) for k in HEADLINE if k in data]
+    if shown:
+        lines += ["", "metrics"]
+        lines += [f"  {k:<22}{_fmt(v)}" for k, v in shown]
+    for key in ("precision", "world_size", "model_capacity", "n_train", "stopped_by"):
+        if key in data:
+            lines.append(f"  {key:<22}{data[key]}")
+    return "\n".join(lines)
+
+
+def print_report(cfg: TrackingConfig, run_id: str | None, as_json: bool) -> None:
+    data = report_data(cfg, run_id)
+    print(json.dumps(data, indent=2, sort_keys=True) if as_json else format_report(data))

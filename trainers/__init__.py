@@ -1,0 +1,1 @@
+"""Trainers: featurizer, model, shard reader, training loop, launchers, evaluation."""

@@ -1,0 +1,95 @@
+"""Launchers: the same ``Trainer`` under TorchDistributor (local or barrier mode) or torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pipelines.errors import StageError
+from trainers.trainer import RESULT_FILE
+
+
+def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """The body of every training process: join the group, train, leave."""
+    import warnings
+
+    import torch
+    import torch.distributed as dist
+
+    warnings.filterwarnings("ignore", message="Sparse invariant checks")
+
+    from trainers.trainer import Trainer, select_device
+
+    _, backend = select_device(
+        spec["train"]["use_gpu"], int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.is_available()
+    )
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    dist.init_process_group(backend)
+    try:
+        result = Trainer(spec).train()
+    finally:
+        dist.destroy_process_group()
+    result.pop("history", None)
+    return result
+
+
+@contextmanager
+def _loopback_env(local_mode: bool):  # noqa: ANN202
+    """Local mode stays on 127.0.0.1: gloo picks the loopback interface."""
+    if not local_mode:
+        yield
+        return
+    saved = {k: os.environ.get(k) for k in ("GLOO_SOCKET_IFNAME", "MASTER_ADDR", "OMP_NUM_THREADS")}
+    os.environ["GLOO_SOCKET_IFNAME"] = os.environ.get("GLOO_SOCKET_IFNAME", "lo")
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    # One thread per process unless asked otherwise: the processes share this machine's cores.
+    os.environ["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "1")
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def launch_distributor(spec: dict[str, Any], world_size: int, *, local_mode: bool, use_gpu: bool) -> dict[str, Any]:
+    """Run :func:`train_worker` on ``world_size`` processes through Spark's TorchDistributor and
+    return rank 0's result (read from the output folder, which every launcher shares)."""
+    from pyspark.ml.torch.distributor import TorchDistributor
+
+    distributor = TorchDistributor(num_processes=world_size, local_mode=local_mode, use_gpu=use_gpu)
+    with _loopback_env(local_mode):
+        try:
+            distributor.run(train_worker, spec)
+        except Exception as exc:  # the distributor raises RuntimeError with the output tail
+            mode = "local" if local_mode else "barrier"
+            raise StageError(
+                f"training failed: TorchDistributor ({mode} mode, {world_size} processes) "
+                f"{type(exc).__name__}: {str(exc)[-1500:]}"
+            ) from exc
+    result_path = Path(spec["out_dir"]) / RESULT_FILE
+    if not result_path.exists():
+        raise StageError(f"training finished without writing {result_path}")
+    return json.loads(result_path.read_text())
+
+
+def torchrun_main(argv: list[str] | None = None) -> int:
+    """``torchrun --nnodes N --nproc-per-node P -m trainers.launch SPEC.json``: a standalone
+    multi-node launch of the same worker, from a spec the train stage wrote."""
+    args = argv if argv is not None else sys.argv[1:]
+    if len(args) != 1:
+        print("usage: torchrun ... -m trainers.launch SPEC.json", file=sys.stderr)
+        return 2
+    spec = json.loads(Path(args[0]).read_text())
+    train_worker(spec)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(torchrun_main())

@@ -1,0 +1,54 @@
+"""The model: a hashed n-gram ``EmbeddingBag`` classifier with optional hidden layers."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild the network (saved beside its weights)."""
+
+    num_buckets: int
+    dim: int
+    hidden: tuple[int, ...]
+    num_classes: int
+
+    @property
+    def capacity(self) -> str:
+        """``buckets×dim×hidden``, the ``model_capacity`` param (DESIGN §7)."""
+        hidden = "-".join(map(str, self.hidden)) or "0"
+        return f"{self.num_buckets}x{self.dim}x{hidden}"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "hidden": list(self.hidden)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelSpec:
+        return cls(int(data["num_buckets"]), int(data["dim"]), tuple(data["hidden"]), int(data["num_classes"]))
+
+
+class NgramClassifier(nn.Module):
+    """Mean of the query's n-gram embeddings → (hidden layers →) class logits, like fastText."""
+
+    def __init__(self, spec: ModelSpec, *, sparse: bool = True) -> None:
+        super().__init__()
+        self.spec = spec
+        self.embedding = nn.EmbeddingBag(spec.num_buckets, spec.dim, mode="mean", sparse=sparse)
+        layers: list[nn.Module] = []
+        width = spec.dim
+        for size in spec.hidden:
+            layers += [nn.Linear(width, size), nn.ReLU()]
+            width = size
+        self.output = nn.Linear(width, spec.num_classes)
+        self.hidden = nn.Sequential(*layers)
+        with torch.no_grad():  # fastText's initialization: small uniform inputs, zero outputs
+            self.embedding.weight.uniform_(-1.0 / spec.dim, 1.0 / spec.dim)
+            self.output.weight.zero_()
+            self.output.bias.zero_()
+
+    def forward(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return self.output(self.hidden(self.embedding(ids, offsets)))
