@@ -16,7 +16,9 @@ QUARANTINE_DIR = "quarantine"
 
 def count_by_reason(tagged: DataFrame, reason_col: str = "reason") -> dict[str, int]:
     """Rows per reason; the key ``None`` holds the rows that passed."""
-    return {row[reason_col]: int(row["count"]) for row in tagged.groupBy(reason_col).count().collect()}
+    return {
+        row[reason_col]: int(row["count"]) for row in tagged.groupBy(reason_col).count().collect()
+    }
 
 
 def write_quarantine(bad: DataFrame, stage_out: Path, stage: str, part: str = "rows") -> Path:

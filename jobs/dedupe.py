@@ -28,7 +28,9 @@ STAGE = "dedupe"
 def collapse_duplicates(rows: DataFrame) -> DataFrame:
     """Group rows by normalized query into one row each, with traffic and label counts."""
     per_label = rows.groupBy("query", "label").agg(
-        F.count(F.lit(1)).alias("n"), F.min("ts").alias("first_seen"), F.max("ts").alias("last_seen")
+        F.count(F.lit(1)).alias("n"),
+        F.min("ts").alias("first_seen"),
+        F.max("ts").alias("last_seen"),
     )
     labeled = F.col("label").isNotNull()
     return per_label.groupBy("query").agg(

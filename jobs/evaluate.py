@@ -24,6 +24,7 @@ from jobs.generate import TRUTH_DIR
 from pipelines.errors import DataError
 from pipelines.stage import RunContext, StageResult
 from trainers.evaluate import TestSet, evaluate, read_test_split
+from trainers.serving import quiet_pyfunc
 
 STAGE = "evaluate"
 METRICS_FILE = "metrics.json"
@@ -52,7 +53,8 @@ def run(ctx: RunContext, out: Path) -> StageResult:
     test_df = read_test_split(ctx.require("split"))
     if test_df.empty:
         raise DataError(f"stage {STAGE}: the test split under {ctx.stage_dir('split')} is empty")
-    model = mlflow.pyfunc.load_model(str(ctx.require("train") / PYFUNC_DIR))
+    with quiet_pyfunc():
+        model = mlflow.pyfunc.load_model(str(ctx.require("train") / PYFUNC_DIR))
     predicted = model.predict(test_df[["query"]])
     labels = model.unwrap_python_model().predictor.labels
     test = TestSet.from_frame(test_df, labels)

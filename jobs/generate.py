@@ -64,10 +64,13 @@ def _words(rng: np.random.Generator, count: int, taken: set[str]) -> list[str]:
     words: list[str] = []
     while len(words) < count:
         syllables = rng.integers(2, 4)
-        word = "".join(
-            _ONSETS[rng.integers(len(_ONSETS))] + _VOWELS[rng.integers(len(_VOWELS))]
-            for _ in range(syllables)
-        ) + _CODAS[rng.integers(len(_CODAS))]
+        word = (
+            "".join(
+                _ONSETS[rng.integers(len(_ONSETS))] + _VOWELS[rng.integers(len(_VOWELS))]
+                for _ in range(syllables)
+            )
+            + _CODAS[rng.integers(len(_CODAS))]
+        )
         if word not in taken:
             taken.add(word)
             words.append(word)
@@ -134,7 +137,9 @@ def draw_events(ids: np.ndarray, universe: Universe, cfg: GenerateConfig) -> pd.
     cdf = np.cumsum(universe.popularity)
     q = np.minimum(np.searchsorted(cdf, _uniforms(ids, cfg.seed, 1), side="right"), len(cdf) - 1)
     cum = np.cumsum(universe.probs[q], axis=1)
-    label_idx = np.minimum((_uniforms(ids, cfg.seed, 2)[:, None] >= cum).sum(axis=1), len(universe.labels) - 1)
+    label_idx = np.minimum(
+        (_uniforms(ids, cfg.seed, 2)[:, None] >= cum).sum(axis=1), len(universe.labels) - 1
+    )
     labels = np.asarray(universe.labels, dtype=object)[label_idx]
     labels[_uniforms(ids, cfg.seed, 3) < cfg.unlabeled_fraction] = ""
     queries = universe.texts[q].copy()

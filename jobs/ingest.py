@@ -17,6 +17,7 @@ if not __package__:  # started as a script by spark-submit: make the project imp
 import pandas as pd
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
 from data_quality.quarantine import count_by_reason, write_quarantine
 from jobs.readers import CORRUPT, SOURCE, read_raw
@@ -29,7 +30,7 @@ ROWS_DIR = "rows"
 NORM = "_query_norm"
 
 
-@F.pandas_udf("string")
+@F.pandas_udf(T.StringType())  # a type object: no session needed at import
 def _normalize(queries: pd.Series) -> pd.Series:
     return queries.map(normalize_query, na_action="ignore")
 
@@ -63,7 +64,9 @@ def tag_reasons(df: DataFrame, max_query_chars: int, labels: tuple[str, ...]) ->
 def clean_rows(tagged: DataFrame) -> DataFrame:
     """The rows that passed: normalized ``query``, ``label`` (null when unlabeled), ``ts`` as a
     timestamp, extra columns as they came, ``source_file``."""
-    extras = [c for c in tagged.columns if c not in ("query", "label", "ts", NORM, CORRUPT, "reason")]
+    extras = [
+        c for c in tagged.columns if c not in ("query", "label", "ts", NORM, CORRUPT, "reason")
+    ]
     label = _blank_to_null(F.col("label")) if "label" in tagged.columns else F.lit(None)
     ts = F.try_to_timestamp(_blank_to_null(F.col("ts"))) if "ts" in tagged.columns else F.lit(None)
     return tagged.where(F.col("reason").isNull()).select(

@@ -89,8 +89,13 @@ def list_input_files(spark: SparkSession, path: str, fmt: str, key: str) -> list
         elif status.getLen() > 0:
             files.append(InputFile(uri, file_fmt))
     if skipped:
-        log.warning("%s: skipped %d file(s) of unknown format, e.g. %s (set %s_format)",
-                    key, len(skipped), skipped[0], key.rsplit("_", 1)[0])
+        log.warning(
+            "%s: skipped %d file(s) of unknown format, e.g. %s (set %s_format)",
+            key,
+            len(skipped),
+            skipped[0],
+            key.rsplit("_", 1)[0],
+        )
     return sorted(files, key=lambda f: f.uri)
 
 
@@ -113,7 +118,9 @@ def _csv_header(spark: SparkSession, f: InputFile) -> list[str]:
 def _parquet_schema(spark: SparkSession, f: InputFile) -> tuple[tuple[str, str], ...]:
     local = f.local_path
     if local is None:
-        return tuple((fl.name, fl.dataType.simpleString()) for fl in spark.read.parquet(f.uri).schema)
+        return tuple(
+            (fl.name, fl.dataType.simpleString()) for fl in spark.read.parquet(f.uri).schema
+        )
     import pyarrow.parquet as pq
 
     try:
@@ -183,7 +190,9 @@ def _read_jsonl(spark: SparkSession, files: list[InputFile]) -> list[DataFrame]:
     names = [_canonical(c) for c in df.columns]
     if "query" not in names:
         shown = ", ".join(uris[:3]) + (" …" if len(uris) > 3 else "")
-        raise DataError(f"{shown}: missing the required field 'query' (found: {', '.join(df.columns)})")
+        raise DataError(
+            f"{shown}: missing the required field 'query' (found: {', '.join(df.columns)})"
+        )
     if CORRUPT not in df.columns:
         df = df.withColumn(CORRUPT, F.lit(None).cast("string"))
     return [_normalized(df)]

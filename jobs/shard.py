@@ -44,7 +44,9 @@ def sampling_weight(policy: str) -> Column:
     return {"unique": F.lit(1.0), "count": n, "sqrt_count": F.sqrt(n)}[policy].cast("float")
 
 
-def featurize_rows(df: DataFrame, featurizer: Featurizer, labels: list[str], policy: str) -> DataFrame:
+def featurize_rows(
+    df: DataFrame, featurizer: Featurizer, labels: list[str], policy: str
+) -> DataFrame:
     """``query``, ``ids`` (int32 n-gram buckets), ``label`` (id, -1 if unseen), ``weight``."""
 
     @F.pandas_udf("array<int>")

@@ -56,7 +56,9 @@ def bucket_thresholds(
     return head_min, torso_min
 
 
-def assign_buckets(df: DataFrame, head_min: int, torso_min: int, count_col: str = "count") -> DataFrame:
+def assign_buckets(
+    df: DataFrame, head_min: int, torso_min: int, count_col: str = "count"
+) -> DataFrame:
     """``bucket`` = head / torso / tail from the query's traffic count."""
     count = F.coalesce(F.col(count_col), F.lit(0))
     return df.withColumn(
@@ -67,7 +69,10 @@ def assign_buckets(df: DataFrame, head_min: int, torso_min: int, count_col: str 
 
 def assign_splits(df: DataFrame, validation: float, test: float, seed: int) -> DataFrame:
     """``split`` by a seeded hash of ``cluster_id``; rows with no labeled event go to ``pool``."""
-    u = F.pmod(F.xxhash64(F.col("cluster_id"), F.lit(seed)), F.lit(_HASH_RESOLUTION)) / _HASH_RESOLUTION
+    u = (
+        F.pmod(F.xxhash64(F.col("cluster_id"), F.lit(seed)), F.lit(_HASH_RESOLUTION))
+        / _HASH_RESOLUTION
+    )
     return df.withColumn(
         "split",
         F.when(F.col("num_labeled") == 0, "pool")
@@ -103,7 +108,9 @@ def collapse_test_rows(good: DataFrame) -> DataFrame:
     collapsed = per_label.groupBy("query").agg(
         F.sum("w").alias("weight"),
         F.map_from_entries(F.collect_list(F.struct("label", "w"))).alias("label_counts"),
-        F.max_by("label", F.struct(F.col("w"), F.negative(F.hash("label")))).alias("majority_label"),
+        F.max_by("label", F.struct(F.col("w"), F.negative(F.hash("label")))).alias(
+            "majority_label"
+        ),
     )
     return assign_clusters(collapsed).withColumn("num_labeled", F.col("weight"))
 

@@ -51,15 +51,31 @@ def run(ctx: RunContext, out: Path) -> StageResult:
         rows_in=n_train + n_val,
         rows_out=n_train + n_val,
         params={
-            "precision": t.precision, "world_size": t.world_size, "mode": t.mode,
-            "batch_size": t.batch_size, "lr": t.lr, "model_capacity": result["model_capacity"],
-            "n_train": n_train, "time_budget_s": t.time_budget_s, "tolerance": t.tolerance,
-            "seed": t.seed, "epochs": t.epochs, "optimizer": "adagrad",
+            "precision": t.precision,
+            "world_size": t.world_size,
+            "mode": t.mode,
+            "batch_size": t.batch_size,
+            "lr": t.lr,
+            "model_capacity": result["model_capacity"],
+            "n_train": n_train,
+            "time_budget_s": t.time_budget_s,
+            "tolerance": t.tolerance,
+            "seed": t.seed,
+            "epochs": t.epochs,
+            "optimizer": "adagrad",
         },  # fmt: skip
         metrics={
             k: float(result[k])
-            for k in ("time_used_s", "steps", "step_time_s", "samples_per_s", "train_loss",
-                      "val_loss", "val_accuracy", "epochs_run")
+            for k in (
+                "time_used_s",
+                "steps",
+                "step_time_s",
+                "samples_per_s",
+                "train_loss",
+                "val_loss",
+                "val_accuracy",
+                "epochs_run",
+            )
         },  # fmt: skip
         tags={"stopped_by": result["stopped_by"]},
         artifacts=[RESULT_FILE, SPEC_FILE],

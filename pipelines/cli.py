@@ -25,7 +25,9 @@ log = logging.getLogger("zipfline")
 def _common(parser: argparse.ArgumentParser, *, config: bool = True) -> None:
     parser.add_argument("--verbose", "-v", action="store_true", help="tracebacks and debug logs")
     if config:
-        parser.add_argument("--env", default="local", help="config overlay conf/<env>/ (default: local)")
+        parser.add_argument(
+            "--env", default="local", help="config overlay conf/<env>/ (default: local)"
+        )
         parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                             help="override a config key, e.g. --set train.world_size=2 (repeatable)")  # fmt: skip
 
@@ -81,7 +83,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def format_summary(summary, cfg: Config) -> str:  # noqa: ANN001
     """The closing table of a run and where to look next."""
-    lines = ["", f"{'stage':<10}{'seconds':>9}{'rows_in':>12}{'rows_out':>12}{'quarantined':>13}{'merged':>11}"]
+    lines = [
+        "",
+        f"{'stage':<10}{'seconds':>9}{'rows_in':>12}{'rows_out':>12}{'quarantined':>13}{'merged':>11}",
+    ]
     for name, r in summary.results.items():
         secs = "skipped" if name in summary.skipped else f"{r.seconds:.1f}"
         lines.append(
@@ -206,7 +211,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def stage_main(stage: str, argv: Sequence[str] | None = None) -> int:
     """``spark-submit jobs/<stage>.py [--env E] [--set k=v]... [--run-date D] [--force]``: one
     stage alone, tracked like any run."""
-    parser = argparse.ArgumentParser(prog=f"jobs/{stage}.py", description=f"the {stage} stage alone")
+    parser = argparse.ArgumentParser(
+        prog=f"jobs/{stage}.py", description=f"the {stage} stage alone"
+    )
     _common(parser)
     parser.add_argument("--run-date", help="YYYY-MM-DD (default: today, UTC)")
     parser.add_argument("--force", action="store_true", help="redo the stage if it finished before")
@@ -218,7 +225,9 @@ def stage_main(stage: str, argv: Sequence[str] | None = None) -> int:
         from pipelines.stage import RunContext
 
         cfg = _config(args)
-        summary = run_pipeline(RunContext(cfg, args.run_date, force=args.force), start=stage, stop=stage)
+        summary = run_pipeline(
+            RunContext(cfg, args.run_date, force=args.force), start=stage, stop=stage
+        )
         print(format_summary(summary, cfg))
         return 0
 

@@ -299,7 +299,9 @@ def load_config(
     conf_dir = conf_dir or default_conf_dir()
     base = conf_dir / "base"
     if not base.is_dir():
-        raise ConfigError(f"config folder {base} not found (set ZIPFLINE_CONF_DIR or run from the repo)")
+        raise ConfigError(
+            f"config folder {base} not found (set ZIPFLINE_CONF_DIR or run from the repo)"
+        )
     merged: dict[str, Any] = {}
     for path in sorted(base.glob("*.y*ml")):
         _deep_merge(merged, _read_yaml(path), str(path))
@@ -309,7 +311,9 @@ def load_config(
             _deep_merge(merged, _read_yaml(path), str(path))
     elif env != "local":
         known = sorted(p.name for p in conf_dir.iterdir() if p.is_dir() and p.name != "base")
-        raise ConfigError(f"--env {env}: no folder {env_dir} (known envs: {', '.join(known) or 'none'})")
+        raise ConfigError(
+            f"--env {env}: no folder {env_dir} (known envs: {', '.join(known) or 'none'})"
+        )
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(merged, key, value)
@@ -379,7 +383,9 @@ def build(cls: type[_T], data: Any, prefix: str) -> _T:
             f"{', '.join(sorted(fields))})"
         )
     kwargs = {
-        name: _convert(hints[name], data[name], f"{prefix}{name}") for name in fields if name in data
+        name: _convert(hints[name], data[name], f"{prefix}{name}")
+        for name in fields
+        if name in data
     }
     try:
         return cls(**kwargs)

@@ -38,7 +38,9 @@ def stages_for(cfg: Config, start: str | None = None, stop: str | None = None) -
     names = [s for s in STAGES if s != "generate" or not cfg.data.raw_path]
     for flag, value in (("--from", start), ("--to", stop)):
         if value is not None and value not in names:
-            raise ConfigError(f"{flag} {value}: not a stage of this run (stages: {', '.join(names)})")
+            raise ConfigError(
+                f"{flag} {value}: not a stage of this run (stages: {', '.join(names)})"
+            )
     lo = names.index(start) if start else 0
     hi = names.index(stop) if stop else len(names) - 1
     if lo > hi:
@@ -95,7 +97,12 @@ def run_pipeline(
                 skipped = ctx.done(stage) and not ctx.force
                 if skipped:
                     result = ctx.read_result(stage)
-                    _progress(i, len(names), stage, f"done earlier, skipped (--force redoes it)  {_describe(result)}")
+                    _progress(
+                        i,
+                        len(names),
+                        stage,
+                        f"done earlier, skipped (--force redoes it)  {_describe(result)}",
+                    )
                 else:
                     _progress(i, len(names), stage, "running …")
                     result = run_atomically(ctx, stage, stage_runner(stage))

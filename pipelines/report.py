@@ -22,7 +22,9 @@ def _stage_entry(run: Any) -> dict[str, Any]:
     metrics = run.data.metrics
     entry: dict[str, Any] = {k: int(metrics.get(k, 0)) for k in COUNT_KEYS}
     entry["quarantined_by_reason"] = {
-        k.removeprefix(REASON_PREFIX): int(v) for k, v in sorted(metrics.items()) if k.startswith(REASON_PREFIX)
+        k.removeprefix(REASON_PREFIX): int(v)
+        for k, v in sorted(metrics.items())
+        if k.startswith(REASON_PREFIX)
     }
     if "clusters" in metrics:
         entry["clusters"] = int(metrics["clusters"])

@@ -27,7 +27,7 @@ JAVA_HINT = (
     "install Java 17+ (Debian/Ubuntu: apt-get install openjdk-17-jre-headless; macOS: brew install "
     "openjdk@17) or set JAVA_HOME"
 )
-_LOG4J = Path(__file__).resolve().parents[1] / "conf" / "log4j2.properties"
+_SPARK_CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "spark"  # quiet log4j2 settings
 
 
 def java_binary() -> str | None:
@@ -76,13 +76,17 @@ def get_spark(cfg: SparkConfig) -> SparkSession:
         return active
     check_java()
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-    if not under_spark_submit():  # Python workers must see the same environment as the driver
+    if not under_spark_submit():
+        # Python workers must see the same environment as the driver; Spark reads its log4j2
+        # settings from SPARK_CONF_DIR (a user's own one wins).
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        if _SPARK_CONF_DIR.is_dir():
+            os.environ.setdefault("SPARK_CONF_DIR", str(_SPARK_CONF_DIR))
     builder = (
         SparkSession.builder.appName(cfg.app_name)
         .config("spark.sql.shuffle.partitions", str(cfg.shuffle_partitions))
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-        .config("spark.ui.showConsoleProgress", "true")
+        .config("spark.ui.showConsoleProgress", str(sys.stderr.isatty()).lower())
         .config("spark.sql.session.timeZone", "UTC")
     )
     if not under_spark_submit():
@@ -94,11 +98,6 @@ def get_spark(cfg: SparkConfig) -> SparkSession:
             .config("spark.driver.bindAddress", "127.0.0.1")
             .config("spark.driver.memory", cfg.driver_memory)
             .config("spark.ui.enabled", "false")
-        )
-    if _LOG4J.exists():
-        opt = f"-Dlog4j.configurationFile=file:{_LOG4J}"
-        builder = builder.config("spark.driver.extraJavaOptions", opt).config(
-            "spark.executor.extraJavaOptions", opt
         )
     for key, value in cfg.conf.items():
         builder = builder.config(key, value)

@@ -39,10 +39,15 @@ def git_sha() -> str:
 
 
 def _quiet_mlflow() -> None:
+    """MLflow's INFO lines (schema migrations, progress bars) are noise in a pipeline's output;
+    MLflow sets its own levels on import, so this runs after it."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    import mlflow  # noqa: F401
+
+    verbose = log.isEnabledFor(logging.DEBUG)
     for name in ("mlflow", "alembic", "urllib3"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def connect(cfg: TrackingConfig) -> Any:
@@ -61,7 +66,9 @@ def connect(cfg: TrackingConfig) -> Any:
             mlflow.create_experiment(cfg.experiment, artifact_location=location)
             experiment = mlflow.get_experiment_by_name(cfg.experiment)
     except Exception as exc:  # MlflowException, SQLAlchemy, connection errors
-        raise ConfigError(f"tracking.uri = {cfg.uri}: cannot reach the MLflow store ({exc})") from exc
+        raise ConfigError(
+            f"tracking.uri = {cfg.uri}: cannot reach the MLflow store ({exc})"
+        ) from exc
     mlflow.set_experiment(experiment_id=experiment.experiment_id)
     return experiment
 
@@ -83,7 +90,12 @@ class Tracker:
 
     @contextmanager
     def parent(self, run_date: str, trigger: str, params: dict[str, Any]) -> Iterator[str]:
-        tags = {"run_date": run_date, "trigger": trigger, "git_sha": git_sha(), PARENT_TAG: "pipeline"}
+        tags = {
+            "run_date": run_date,
+            "trigger": trigger,
+            "git_sha": git_sha(),
+            PARENT_TAG: "pipeline",
+        }
         with self.mlflow.start_run(run_name=f"zipfline {run_date}", tags=tags) as run:
             self.parent_id = run.info.run_id
             self.mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
@@ -100,10 +112,14 @@ class Tracker:
         mlflow = self.mlflow
         counts = {k: getattr(result, k) for k in COUNT_KEYS}
         reasons = {f"{REASON_PREFIX}{r}": n for r, n in result.quarantined_by_reason.items()}
-        mlflow.log_metrics(_finite({**counts, **reasons, **result.metrics, "stage_seconds": result.seconds}))
+        mlflow.log_metrics(
+            _finite({**counts, **reasons, **result.metrics, "stage_seconds": result.seconds})
+        )
         if result.params:
             mlflow.log_params({k: str(v)[:6000] for k, v in result.params.items()})
-        mlflow.set_tags({**result.tags, "skipped": str(skipped).lower(), "stage_dir": str(stage_dir)})
+        mlflow.set_tags(
+            {**result.tags, "skipped": str(skipped).lower(), "stage_dir": str(stage_dir)}
+        )
         for rel in result.artifacts:
             path = stage_dir / rel
             if path.is_dir():

@@ -23,6 +23,8 @@ BUCKETS = ("head", "torso", "tail")
 class TestSet:
     """Test queries as a dense label-count matrix over ``labels``."""
 
+    __test__ = False  # not a pytest test class, whatever its name
+
     queries: list[str]
     labels: list[str]
     counts: np.ndarray  # [n, K] labeled events per label
@@ -96,7 +98,9 @@ def evaluate(
         metrics[f"acc_{bucket}"] = float(1.0 - err[mask].mean()) if mask.any() else float("nan")
         metrics[f"n_test_{bucket}"] = float(mask.sum())
     if prior_label is not None:
-        metrics["baseline_error"] = float(expected_errors(test.counts, np.full(n, prior_label)).mean())
+        metrics["baseline_error"] = float(
+            expected_errors(test.counts, np.full(n, prior_label)).mean()
+        )
     if truth_labels is not None:
         index = {k: i for i, k in enumerate(test.labels)}
         truth = list(truth_labels)

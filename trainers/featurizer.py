@@ -52,7 +52,10 @@ class Featurizer:
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> Featurizer:
         """Rebuild from :meth:`settings` (a manifest or a logged model)."""
-        if settings.get("version") != FEATURIZER_VERSION or settings.get("normalization") != NORMALIZATION:
+        if (
+            settings.get("version") != FEATURIZER_VERSION
+            or settings.get("normalization") != NORMALIZATION
+        ):
             raise ValueError(
                 f"featurizer settings {settings} were written by another featurizer version "
                 f"(this one is version {FEATURIZER_VERSION}, {NORMALIZATION})"
@@ -71,8 +74,11 @@ class Featurizer:
     def tokens(self, query: str) -> list[str]:
         """The n-gram strings of an already normalized query (each prefixed by its kind)."""
         words = query.split(" ") if query else []
-        grams = [f"w{n}:" + " ".join(words[i : i + n]) for n in range(1, self.word_ngrams + 1)
-                 for i in range(len(words) - n + 1)]
+        grams = [
+            f"w{n}:" + " ".join(words[i : i + n])
+            for n in range(1, self.word_ngrams + 1)
+            for i in range(len(words) - n + 1)
+        ]
         if self.char_ngram_min:
             for word in words:
                 padded = f"<{word}>"

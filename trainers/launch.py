@@ -58,7 +58,9 @@ def _loopback_env(local_mode: bool):  # noqa: ANN202
                 os.environ[key] = value
 
 
-def launch_distributor(spec: dict[str, Any], world_size: int, *, local_mode: bool, use_gpu: bool) -> dict[str, Any]:
+def launch_distributor(
+    spec: dict[str, Any], world_size: int, *, local_mode: bool, use_gpu: bool
+) -> dict[str, Any]:
     """Run :func:`train_worker` on ``world_size`` processes through Spark's TorchDistributor and
     return rank 0's result (read from the output folder, which every launcher shares)."""
     from pyspark.ml.torch.distributor import TorchDistributor

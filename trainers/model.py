@@ -28,7 +28,12 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelSpec:
-        return cls(int(data["num_buckets"]), int(data["dim"]), tuple(data["hidden"]), int(data["num_classes"]))
+        return cls(
+            int(data["num_buckets"]),
+            int(data["dim"]),
+            tuple(data["hidden"]),
+            int(data["num_classes"]),
+        )
 
 
 class NgramClassifier(nn.Module):

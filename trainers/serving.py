@@ -64,18 +64,21 @@ class Predictor:
         )
 
 
-class QueryClassifierModel(mlflow.pyfunc.PythonModel):
-    """MLflow pyfunc around :class:`Predictor` (artifact ``model``: the saved ``model.pt``)."""
+with warnings.catch_warnings():  # MLflow asks for type hints; this model takes a frame of raw text
+    warnings.filterwarnings("ignore", message=".*type hint.*")
 
-    def load_context(self, context) -> None:  # noqa: ANN001
-        self.predictor = Predictor.from_file(context.artifacts["model"])
+    class QueryClassifierModel(mlflow.pyfunc.PythonModel):
+        """MLflow pyfunc around :class:`Predictor` (artifact ``model``: the saved ``model.pt``)."""
 
-    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
-        if isinstance(model_input, pd.DataFrame):
-            queries = model_input["query"] if "query" in model_input else model_input.iloc[:, 0]
-        else:
-            queries = pd.Series(list(model_input))
-        return self.predictor.predict_frame(queries.astype("string").fillna(""))
+        def load_context(self, context) -> None:  # noqa: ANN001
+            self.predictor = Predictor.from_file(context.artifacts["model"])
+
+        def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+            if isinstance(model_input, pd.DataFrame):
+                queries = model_input["query"] if "query" in model_input else model_input.iloc[:, 0]
+            else:
+                queries = pd.Series(list(model_input))
+            return self.predictor.predict_frame(queries.astype("string").fillna(""))
 
 
 def pyfunc_kwargs(model_file: Path) -> dict[str, Any]:

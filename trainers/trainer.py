@@ -98,8 +98,10 @@ class Trainer:
         # NCCL cannot all-reduce sparse gradients: dense embedding gradients on GPUs.
         model = NgramClassifier(self.model_spec, sparse=self.device.type == "cpu")
         self.model = model.to(self.device, dtype=self.precision.param_dtype)
-        self.ddp = DistributedDataParallel(self.model) if self.device.type == "cpu" else (
-            DistributedDataParallel(self.model, device_ids=[self.device.index])
+        self.ddp = (
+            DistributedDataParallel(self.model)
+            if self.device.type == "cpu"
+            else (DistributedDataParallel(self.model, device_ids=[self.device.index]))
         )
         self.optimizer = torch.optim.Adagrad(self.ddp.parameters(), lr=self.cfg["lr"])
         self.scaler = torch.amp.GradScaler("cuda") if self.precision.use_scaler else None
@@ -211,7 +213,9 @@ class Trainer:
                 t0 = time.perf_counter()
                 loss = self.train_step(self.train_data.batch(rows))
                 step_seconds += time.perf_counter() - t0
-                if self.step % STOP_CHECK_EVERY == 0 and self._agree(time.monotonic() - start >= budget):
+                if self.step % STOP_CHECK_EVERY == 0 and self._agree(
+                    time.monotonic() - start >= budget
+                ):
                     out_of_time = True
                     break
                 now = time.monotonic()

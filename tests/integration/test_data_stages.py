@@ -1,0 +1,145 @@
+"""Ingest, dedupe and split on tiny, messy inputs against a real local Spark session."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from jobs import dedupe, ingest, split
+from pipelines.errors import ConfigError, DataError
+from pipelines.stage import RunContext, run_atomically
+from tests.conftest import config_for
+
+pytestmark = pytest.mark.integration
+
+
+def _messy_raw(root):
+    raw = root / "raw"
+    (raw / "nested").mkdir(parents=True)
+    (raw / "_ignored").mkdir()
+    (raw / "_ignored" / "x.csv").write_text("nothing,here\n1,2\n")
+    (raw / "a.csv").write_text(
+        "Query,Label,source\n"
+        '"Cheap Flights",travel,web\n'
+        '"cheap   flights",travel,app\n'
+        '"multi\nline, query",books,web\n'
+        '"say ""hi""",music,web\n'
+        ",books,web\n"
+        '"   ",music,web\n'
+        f'"{"x" * 40}",music,web\n'
+        "too,many,fields,here\n"
+    )
+    with (raw / "nested" / "b.jsonl").open("w") as fh:
+        fh.write(
+            json.dumps({"query": "CHEAP flights", "label": "travel", "ts": "2026-11-01T10:00:00Z"})
+            + "\n"
+        )
+        fh.write('{"query": "broken\n')
+        fh.write(json.dumps({"query": "bad time", "label": "books", "ts": "yesterday"}) + "\n")
+        fh.write(json.dumps({"query": "no label yet", "label": ""}) + "\n")
+        fh.write(json.dumps({"query": "odd label", "label": "cooking"}) + "\n")
+    (raw / "c.csv").write_bytes(b"query,label\ncaf\xe9 latte,music\n")
+    pd.DataFrame(
+        {"query": ["ＦＵＬＬ width", "guitar album"], "label": ["books", "music"]}
+    ).to_parquet(raw / "d.parquet")
+    return raw
+
+
+def test_ingest_quarantines_each_reason_and_reconciles(spark, tmp_path):
+    raw = _messy_raw(tmp_path)
+    cfg = config_for(tmp_path, f"data.raw_path={raw}", "ingest.max_query_chars=30",
+                     "data.labels=[travel, books, music]")  # fmt: skip
+    ctx = RunContext(cfg, "2026-11-01", spark=spark)
+    result = run_atomically(ctx, "ingest", ingest.run)
+    assert result.quarantined_by_reason == {
+        "bad_encoding": 1, "bad_timestamp": 1, "empty_query": 2, "malformed_row": 2,
+        "too_long": 1, "unknown_label": 1,
+    }  # fmt: skip
+    assert result.rows_in == 16
+    assert result.rows_out == 8
+    result.check_reconciles("ingest")
+    out = ctx.stage_dir("ingest")
+    rows = pd.read_parquet(out / "rows")
+    assert set(rows["query"]) >= {"cheap flights", "multi line, query", 'say "hi"', "full width"}
+    assert rows.loc[rows["query"] == "no label yet", "label"].isna().all()
+    assert "source" in rows.columns and rows["source_file"].notna().all()  # extras kept
+    bad = pd.read_parquet(out / "quarantine")
+    assert len(bad) == 8 and set(bad["stage"]) == {"ingest"}
+    assert bad.loc[bad["reason"] == "malformed_row", "_corrupt_record"].notna().all()
+    marker = json.loads((out / "_SUCCESS").read_text())
+    assert marker["result"]["rows_out"] == 8
+
+    deduped = run_atomically(ctx, "dedupe", dedupe.run)
+    rows = pd.read_parquet(ctx.stage_dir("dedupe") / "rows").set_index("query")
+    flights = rows.loc["cheap flights"]
+    assert flights["count"] == 3 and flights["num_labeled"] == 3
+    assert dict(flights["label_counts"]) == {"travel": 3}
+    assert flights["majority_label"] == "travel"
+    assert deduped.rows_merged == 2 and deduped.metrics["clusters"] == deduped.rows_out
+    deduped.check_reconciles("dedupe")
+
+
+def test_missing_query_column_names_the_file(spark, tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "ok.csv").write_text("query,label\nhello,x\n")
+    (raw / "bad.csv").write_text("text,label\nhello,x\n")
+    ctx = RunContext(config_for(tmp_path, f"data.raw_path={raw}"), "2026-11-01", spark=spark)
+    with pytest.raises(DataError, match=r"bad\.csv: missing the required column 'query'"):
+        run_atomically(ctx, "ingest", ingest.run)
+    assert not ctx.done("ingest")
+
+
+def test_missing_path_and_empty_folder(spark, tmp_path):
+    ctx = RunContext(
+        config_for(tmp_path, f"data.raw_path={tmp_path / 'nope'}"), "2026-11-01", spark=spark
+    )
+    with pytest.raises(ConfigError, match="no such file or folder"):
+        run_atomically(ctx, "ingest", ingest.run)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "header_only.csv").write_text("query,label\n")
+    ctx = RunContext(
+        config_for(tmp_path, f"data.raw_path={tmp_path / 'empty'}"), "2026-11-01", spark=spark
+    )
+    with pytest.raises(DataError, match="no rows"):
+        run_atomically(ctx, "ingest", ingest.run)
+
+
+def test_split_keeps_clusters_apart_and_honours_an_external_test_set(spark, tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    queries = [f"query number {i}" for i in range(400)]
+    frame = pd.DataFrame(
+        {"query": queries * 2 + ["unlabeled thing"], "label": ["a", "b"] * 400 + [""]}
+    )
+    frame.to_csv(raw / "log.csv", index=False)
+    ctx = RunContext(config_for(tmp_path, f"data.raw_path={raw}", "split.test_fraction=0.2"),
+                     "2026-11-01", spark=spark)  # fmt: skip
+    for stage, job in (("ingest", ingest), ("dedupe", dedupe), ("split", split)):
+        run_atomically(ctx, stage, job.run)
+    parts = {n: pd.read_parquet(ctx.stage_dir("split") / n) for n in split.SPLITS}
+    assert set(parts["train"]["cluster_id"]).isdisjoint(parts["test"]["cluster_id"])
+    assert set(parts["validation"]["cluster_id"]).isdisjoint(parts["test"]["cluster_id"])
+    assert list(parts["pool"]["query"]) == ["unlabeled thing"]
+    assert 0.1 < len(parts["test"]) / 400 < 0.3
+    assert (parts["test"]["weight"] == 2).all()
+
+    external = tmp_path / "external"
+    external.mkdir()
+    pd.DataFrame({"query": ["Query Number 1", "query number 1", "brand new", "", "w"],
+                  "label": ["a", "a", "b", "a", "a"], "weight": ["3", "", "1", "1", "-2"]}
+                 ).to_csv(external / "test.csv", index=False)  # fmt: skip
+    ctx = RunContext(config_for(tmp_path, f"data.raw_path={raw}", f"data.test_path={external}"),
+                     "2026-11-02", spark=spark)  # fmt: skip
+    for stage, job in (("ingest", ingest), ("dedupe", dedupe)):
+        run_atomically(ctx, stage, job.run)
+    result = run_atomically(ctx, "split", split.run)
+    result.check_reconciles("split")
+    assert result.quarantined_by_reason == {"bad_weight": 1, "empty_query": 1, "in_test_set": 1}
+    test = pd.read_parquet(ctx.stage_dir("split") / "test").set_index("query")
+    assert test.loc["query number 1", "weight"] == 4.0  # 3 + a blank weight counting 1
+    assert test.loc["brand new", "bucket"] == "tail"  # never seen in the log
+    train_queries = set(pd.read_parquet(ctx.stage_dir("split") / "train")["query"])
+    assert "query number 1" not in train_queries

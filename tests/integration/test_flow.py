@@ -1,0 +1,134 @@
+"""The whole flow, end to end: real Spark, real MLflow (sqlite), real 2-process DDP (gloo)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipelines.cli import main
+from pipelines.config import TrackingConfig
+from pipelines.flow import STAGES
+from pipelines.report import report_data
+from trainers.data import read_split
+from trainers.serving import Predictor
+
+pytestmark = pytest.mark.integration
+
+SMALL = [
+    "generate.num_events=6000", "generate.num_queries=800", "generate.num_labels=6",
+    "generate.dirty_fraction=0.01", "featurizer.num_buckets=65536", "model.dim=32",
+    "train.time_budget_s=40", "train.epochs=8", "train.batch_size=64",
+    "spark.master=local[2]", "spark.shuffle_partitions=4",
+]  # fmt: skip
+
+
+def _sets(*items):
+    return [arg for item in items for arg in ("--set", item)]
+
+
+def test_generated_flow_end_to_end(spark, in_tmp, capsys):
+    argv = ["run", "--run-date", "2026-11-01", *_sets(*SMALL)]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    assert "MLflow run" in out.out and "make ui" in out.out
+    assert "[7/7] evaluate" in out.err  # progress lines
+
+    tracking = TrackingConfig(uri="sqlite:///mlflow.db")
+    data = report_data(tracking)
+    assert data["status"] == "FINISHED" and data["trigger"] == "manual"
+    assert list(data["stages"]) == list(STAGES)
+    for name, stage in data["stages"].items():
+        assert (
+            stage["rows_in"] == stage["rows_out"] + stage["rows_quarantined"] + stage["rows_merged"]
+        ), name
+        assert sum(stage["quarantined_by_reason"].values()) == stage["rows_quarantined"], name
+    assert data["stages"]["generate"]["rows_out"] == 6000
+    ingest = data["stages"]["ingest"]
+    assert {"empty_query", "too_long"} <= set(ingest["quarantined_by_reason"])
+    assert data["stages"]["dedupe"]["clusters"] == data["stages"]["dedupe"]["rows_out"]
+    assert data["stages"]["dedupe"]["rows_in"] == ingest["rows_out"]
+
+    for key in ("test_error", "test_error_weighted", "test_logloss", "breadth", "acc_head",
+                "acc_torso", "acc_tail", "bayes_error", "steps", "step_time_s", "samples_per_s",
+                "time_used_s"):  # fmt: skip
+        assert key in data, key
+    for key in ("precision", "world_size", "mode", "batch_size", "lr", "model_capacity",
+                "n_train", "time_budget_s", "tolerance", "seed"):  # fmt: skip
+        assert key in data, key
+    assert data["world_size"] == "2" and data["precision"] == "fp32"
+    assert data["stopped_by"] in {"budget", "converged", "epochs"}
+    assert data["bayes_known"] == "true"
+    # accuracy well above the majority-class rate, and no better than the Bayes error allows
+    assert data["test_error"] < data["baseline_error"] - 0.3
+    assert data["test_error"] >= data["bayes_error"] - 0.05
+
+    # the model in MLflow predicts from raw text exactly as the trainer saw the shards
+    client = mlflow.tracking.MlflowClient()
+    train_run = next(r for r in client.search_runs([client.get_run(data["run_id"]).info.experiment_id],
+                                                   "tags.stage = 'train'"))  # fmt: skip
+    served = mlflow.pyfunc.load_model(f"runs:/{train_run.info.run_id}/model")
+    shard_dir = in_tmp / "data" / "2026-11-01" / "shard"
+    queries = pd.read_parquet(shard_dir / "validation-00000.parquet")["query"].tolist()
+    raw = [q.upper() + "  " for q in queries]  # raw text, as a user would send it
+    from_text = np.vstack(served.predict(pd.DataFrame({"query": raw}))["probabilities"])
+    predictor = Predictor.from_file(in_tmp / "data" / "2026-11-01" / "train" / "model.pt")
+    val = read_split(shard_dir, "validation", 0, 1)
+    ids, offsets, _, _ = val.batch(np.arange(len(queries)))
+    with torch.no_grad():
+        from_shards = torch.softmax(predictor.model(ids, offsets), 1).numpy()
+    assert np.allclose(from_text, from_shards, atol=1e-6)
+
+    # a rerun for the same date skips every finished stage, and is tracked as a new run
+    assert main(argv) == 0
+    rerun = report_data(tracking)
+    assert rerun["run_id"] != data["run_id"]
+    assert all(s["skipped"] for s in rerun["stages"].values())
+    capsys.readouterr()
+    assert main(["report", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["run_id"] == rerun["run_id"] and "stages" in printed
+    assert main(["report", data["run_id"]]) == 0
+    assert "dedupe" in capsys.readouterr().out
+
+
+def test_user_csv_folder_flow(spark, in_tmp, capsys):
+    """A folder of CSV files with query,label that zipfline did not generate."""
+    rng = random.Random(5)
+    topics = {
+        "books": ["novel", "author", "paperback", "isbn", "library", "poetry", "chapter"],
+        "music": ["guitar", "album", "lyrics", "concert", "band", "vinyl", "drums"],
+        "travel": ["flight", "hotel", "beach", "visa", "airport", "cruise", "hostel"],
+    }
+    raw = in_tmp / "logs"
+    raw.mkdir()
+    for part in range(3):
+        rows = []
+        for _ in range(700):
+            label = rng.choice(list(topics))
+            words = rng.sample(topics[label], 2) + [
+                rng.choice(["cheap", "best", "near me", "", "2026"])
+            ]
+            rows.append({"query": " ".join(words).strip(), "label": label})
+        rows.append({"query": "", "label": "books"})
+        pd.DataFrame(rows).to_csv(raw / f"part-{part}.csv", index=False)
+    argv = [
+        "run",
+        "--run-date",
+        "2026-11-02",
+        *_sets(*SMALL, f"data.raw_path={raw}", "train.time_budget_s=20"),
+    ]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["report", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert "generate" not in data["stages"]
+    assert data["stages"]["ingest"]["rows_in"] == 2103
+    assert data["stages"]["ingest"]["quarantined_by_reason"] == {"empty_query": 3}
+    assert data["bayes_known"] == "false" and "bayes_error" not in data
+    assert data["test_error"] < 0.2

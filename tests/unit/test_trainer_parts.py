@@ -1,0 +1,97 @@
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipelines.errors import ConfigError, DataError
+from trainers.data import check_featurizer, read_split, sha256_of
+from trainers.featurizer import Featurizer
+from trainers.model import ModelSpec, NgramClassifier
+from trainers.trainer import select_device, select_precision
+
+
+def test_precision_plans():
+    assert select_precision("fp32", "cpu").param_dtype == torch.float32
+    assert select_precision("fp64", "cpu").param_dtype == torch.float64
+    bf16 = select_precision("bf16", "cpu")
+    assert (bf16.autocast_dtype, bf16.use_scaler) == (torch.bfloat16, False)
+    fp16 = select_precision("fp16", "cuda")
+    assert (fp16.autocast_dtype, fp16.use_scaler) == (torch.float16, True)
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        select_precision("fp16", "cpu")
+
+
+def test_device_per_local_rank_and_backend():
+    assert select_device(False, 3, cuda_available=True) == (torch.device("cpu"), "gloo")
+    assert select_device(True, 3, cuda_available=True) == (torch.device("cuda", 3), "nccl")
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        select_device(True, 0, cuda_available=False)
+
+
+def test_model_capacity_and_forward():
+    spec = ModelSpec(num_buckets=100, dim=8, hidden=(16,), num_classes=3)
+    assert spec.capacity == "100x8x16"
+    model = NgramClassifier(spec)
+    logits = model(torch.tensor([1, 2, 3, 4]), torch.tensor([0, 3]))
+    assert logits.shape == (2, 3)
+    assert ModelSpec.from_dict(spec.to_dict()) == spec
+
+
+def _write_shards(tmp_path, rows_per_file=(3, 2)):
+    featurizer = Featurizer(num_buckets=128, word_ngrams=1)
+    entries = []
+    queries = iter(["a", "b c", "d e f", "g", "h i"])
+    for i, n in enumerate(rows_per_file):
+        texts = [next(queries) for _ in range(n)]
+        table = pa.table({
+            "query": texts,
+            "ids": pa.array([featurizer.ids(t).tolist() for t in texts], pa.list_(pa.int32())),
+            "label": pa.array(list(range(n)), pa.int32()),
+            "weight": pa.array([1.0] * n, pa.float32()),
+        })  # fmt: skip
+        path = tmp_path / f"train-{i:05d}.parquet"
+        pq.write_table(table, path)
+        entries.append({"path": path.name, "rows": n, "sha256": sha256_of(path)})
+    manifest = {"featurizer": featurizer.settings(), "labels": ["x", "y", "z"],
+                "splits": {"train": {"rows": sum(rows_per_file), "files": entries}}}  # fmt: skip
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    return featurizer, manifest
+
+
+def test_reader_gathers_the_right_ids_per_row(tmp_path):
+    featurizer, _ = _write_shards(tmp_path)
+    data = read_split(tmp_path, "train", rank=0, world_size=1)
+    assert data.num_rows == 5
+    ids, offsets, labels, weights = data.batch(np.array([2, 0, 4]))
+    expected = [featurizer.ids(t) for t in ["d e f", "a", "h i"]]
+    assert ids.tolist() == np.concatenate(expected).tolist()
+    assert offsets.tolist() == [0, 3, 4]
+    assert labels.tolist() == [2, 0, 1]
+    assert weights.dtype == torch.float32
+
+
+def test_ranks_split_the_rows_without_overlap(tmp_path):
+    _write_shards(tmp_path)
+    a = read_split(tmp_path, "train", rank=0, world_size=2)
+    b = read_split(tmp_path, "train", rank=1, world_size=2)
+    assert a.num_rows + b.num_rows == 5
+
+
+def test_reader_refuses_a_changed_shard(tmp_path):
+    _write_shards(tmp_path)
+    shard = tmp_path / "train-00001.parquet"
+    table = pq.read_table(shard)
+    pq.write_table(table.slice(0, 1), shard)  # same schema, different bytes
+    with pytest.raises(DataError, match="sha256 does not match"):
+        read_split(tmp_path, "train", rank=0, world_size=1)
+
+
+def test_featurizer_mismatch_is_refused(tmp_path):
+    _, manifest = _write_shards(tmp_path)
+    other = Featurizer(num_buckets=256, word_ngrams=1).settings()
+    with pytest.raises(DataError, match="featurized with"):
+        check_featurizer(manifest, other, str(tmp_path))
+    check_featurizer(manifest, manifest["featurizer"], str(tmp_path))
