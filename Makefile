@@ -13,12 +13,13 @@ PORT ?= 5000
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "zipfline needs Python 3.11+ (found " + sys.version.split()[0] + ")")'
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@echo "zipfline: installing into $(VENV) (a few minutes the first time; log in $(VENV)/install.log)"
+	@{ $(BIN)/python -m pip install --upgrade pip && $(BIN)/python -m pip install -e '.[dev]'; } \
+	  > $(VENV)/install.log 2>&1 || { tail -n 30 $(VENV)/install.log; echo "zipfline: install failed, see $(VENV)/install.log" >&2; exit 1; }
 	@touch $(STAMP)
 
 java:
-	@v=$$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\)\(\.\([0-9]*\)\)\{0,1\}.*/\1 \3/p' | head -n1); \
+	@v=$$($${JAVA_HOME:+$$JAVA_HOME/bin/}java -version 2>&1 | sed -n 's/.*version "\([0-9]*\)\(\.\([0-9]*\)\)\{0,1\}.*/\1 \3/p' | head -n1); \
 	set -- $$v; major=$${1:-0}; [ "$$major" = 1 ] && major=$${2:-0}; \
 	if [ "$$major" -lt 17 ] 2>/dev/null || [ -z "$$v" ]; then \
 	  echo "zipfline: Java 17+ is required for Spark (found: $${v:-none}); install it, e.g. apt-get install openjdk-17-jre-headless, or set JAVA_HOME" >&2; exit 2; fi

@@ -8,7 +8,6 @@ has ``label``, ``confidence`` and ``probabilities`` (in the order of ``labels``)
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -64,21 +63,22 @@ class Predictor:
         )
 
 
-with warnings.catch_warnings():  # MLflow asks for type hints; this model takes a frame of raw text
-    warnings.filterwarnings("ignore", message=".*type hint.*")
+class QueryClassifierModel(mlflow.pyfunc.PythonModel):
+    """MLflow pyfunc around :class:`Predictor` (artifact ``model``: the saved ``model.pt``)."""
 
-    class QueryClassifierModel(mlflow.pyfunc.PythonModel):
-        """MLflow pyfunc around :class:`Predictor` (artifact ``model``: the saved ``model.pt``)."""
+    # Input is a frame of raw text (or a list of strings): no type-hint schema to validate, and
+    # without this MLflow warns at every import that predict() has no type hints.
+    _skip_type_hint_validation = True
 
-        def load_context(self, context) -> None:  # noqa: ANN001
-            self.predictor = Predictor.from_file(context.artifacts["model"])
+    def load_context(self, context) -> None:  # noqa: ANN001
+        self.predictor = Predictor.from_file(context.artifacts["model"])
 
-        def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
-            if isinstance(model_input, pd.DataFrame):
-                queries = model_input["query"] if "query" in model_input else model_input.iloc[:, 0]
-            else:
-                queries = pd.Series(list(model_input))
-            return self.predictor.predict_frame(queries.astype("string").fillna(""))
+    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+        if isinstance(model_input, pd.DataFrame):
+            queries = model_input["query"] if "query" in model_input else model_input.iloc[:, 0]
+        else:
+            queries = pd.Series(list(model_input))
+        return self.predictor.predict_frame(queries.astype("string").fillna(""))
 
 
 def pyfunc_kwargs(model_file: Path) -> dict[str, Any]:
@@ -93,17 +93,15 @@ def pyfunc_kwargs(model_file: Path) -> dict[str, Any]:
 
 @contextmanager
 def quiet_pyfunc() -> Iterator[None]:
-    """Silence MLflow's advice to use type hints and models-from-code: this model takes raw
-    text in a ``query`` column and is pickled on purpose, with its code beside it."""
+    """Silence MLflow's advice to use models-from-code: this model is pickled on purpose, with
+    its code beside it (``code_paths``)."""
     logger = logging.getLogger("mlflow.pyfunc")
     level = logger.level
     logger.setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*type hint.*")
-        try:
-            yield
-        finally:
-            logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def save_pyfunc(model_file: Path, path: Path) -> Path:

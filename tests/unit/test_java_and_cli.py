@@ -1,5 +1,7 @@
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 
@@ -50,13 +52,16 @@ def test_java_17_passes(tmp_path, monkeypatch):
     assert check_java() == 17
 
 
-def test_cli_missing_java_exits_2_with_one_line(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("JAVA_HOME", raising=False)
-    monkeypatch.setenv("PATH", os.path.dirname(os.sys.executable))
-    code = main(["generate", "--out", str(tmp_path / "g"), "--events", "10"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2
+def test_cli_missing_java_exits_2_with_one_line(tmp_path):
+    """A fresh process whose PATH has no java and no JAVA_HOME: one line, exit 2."""
+    env = {k: v for k, v in os.environ.items() if k not in ("JAVA_HOME", "PYSPARK_GATEWAY_PORT")}
+    env["PATH"] = os.path.dirname(sys.executable)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines", "generate", "--out", str(tmp_path / "g"), "--events", "10"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120,
+    )  # fmt: skip
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2
     assert err[-1].startswith("zipfline: error: Java not found")
     assert not any("Traceback" in line for line in err)
 
