@@ -97,12 +97,10 @@ def run_pipeline(
                 skipped = ctx.done(stage) and not ctx.force
                 if skipped:
                     result = ctx.read_result(stage)
-                    _progress(
-                        i,
-                        len(names),
-                        stage,
-                        f"done earlier, skipped (--force redoes it)  {_describe(result)}",
-                    )
+                    note = "done earlier, skipped (--force redoes it)"
+                    if ctx.settings_changed(stage):
+                        note = "done earlier UNDER OTHER SETTINGS, skipped (--force redoes it)"
+                    _progress(i, len(names), stage, f"{note}  {_describe(result)}")
                 else:
                     _progress(i, len(names), stage, "running …")
                     result = run_atomically(ctx, stage, stage_runner(stage))

@@ -8,6 +8,7 @@ same run date skips every stage whose marker exists unless ``--force`` (DESIGN Â
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import shutil
@@ -28,6 +29,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("zipfline")
 MARKER = "_SUCCESS"
+# Config sections each stage reads, in flow order; a stage's output depends on its own and on
+# every earlier stage's sections.
+SETTINGS_BY_STAGE: dict[str, tuple[str, ...]] = {
+    "generate": ("generate",),
+    "ingest": ("data", "ingest"),
+    "dedupe": (),
+    "split": ("split",),
+    "shard": ("shard", "featurizer", "train"),
+    "train": ("model",),
+    "evaluate": ("eval",),
+}
 
 
 @dataclass
@@ -114,8 +126,24 @@ class RunContext:
         return self.stage_dir(stage)
 
     def read_result(self, stage: str) -> StageResult:
-        marker = self.stage_dir(stage) / MARKER
-        return StageResult.from_json(json.loads(marker.read_text())["result"])
+        return StageResult.from_json(self._marker(stage)["result"])
+
+    def _marker(self, stage: str) -> dict[str, Any]:
+        return json.loads((self.stage_dir(stage) / MARKER).read_text())
+
+    def settings_sha(self, stage: str) -> str:
+        """A fingerprint of the config sections that shape ``stage``'s output, its own and its
+        upstream stages' (not where runs are tracked or how Spark is sized)."""
+        order = list(SETTINGS_BY_STAGE)
+        upto = order[: order.index(stage) + 1] if stage in order else order
+        sections = sorted({name for s in upto for name in SETTINGS_BY_STAGE[s]})
+        full = self.cfg.to_dict()
+        settings = {name: full[name] for name in sections}
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+    def settings_changed(self, stage: str) -> bool:
+        """True when ``stage`` finished under other settings than this run's."""
+        return self._marker(stage).get("settings_sha") != self.settings_sha(stage)
 
 
 def _check_run_date(value: str) -> None:
@@ -146,6 +174,7 @@ def run_atomically(ctx: RunContext, stage: str, fn: StageFn) -> StageResult:
             "stage": stage,
             "run_date": ctx.run_date,
             "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "settings_sha": ctx.settings_sha(stage),
             "result": asdict(result),
         }
         (tmp / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True))

@@ -84,8 +84,13 @@ def test_generated_flow_end_to_end(spark, in_tmp, capsys):
         from_shards = torch.softmax(predictor.model(ids, offsets), 1).numpy()
     assert np.allclose(from_text, from_shards, atol=1e-6)
 
-    # a rerun for the same date skips every finished stage, and is tracked as a new run
-    assert main(argv) == 0
+    # a rerun for the same date skips every finished stage, and is tracked as a new run; a
+    # stage that finished under other settings says so
+    capsys.readouterr()
+    assert main([*argv, "--set", "eval.breadth_recall=0.5"]) == 0
+    err = capsys.readouterr().err
+    assert "[6/7] train     done earlier, skipped" in err
+    assert "[7/7] evaluate  done earlier UNDER OTHER SETTINGS" in err
     rerun = report_data(tracking)
     assert rerun["run_id"] != data["run_id"]
     assert all(s["skipped"] for s in rerun["stages"].values())
