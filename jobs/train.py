@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -23,17 +24,26 @@ from trainers.serving import save_pyfunc
 from trainers.trainer import MODEL_FILE, RESULT_FILE
 
 STAGE = "train"
+CHECKPOINT_DIR = ".checkpoints/train"  # under the run date, beside the stage folders
 SPEC_FILE = "train_spec.json"
 PYFUNC_DIR = "model"
+TRAIN_METRICS = (
+    "time_used_s", "steps", "step_time_s", "compute_time_s", "comm_fraction", "samples_per_s",
+    "train_loss", "val_loss", "val_accuracy", "epochs_run", "resumed_from_step",
+)  # fmt: skip
 
 
 def run(ctx: RunContext, out: Path) -> StageResult:
     cfg = ctx.cfg
     shard_dir = ctx.require("shard")
     manifest = load_manifest(shard_dir)
+    # Checkpoints live outside the stage folder while training runs, so that a rerun after a
+    # failure (with or without --force) resumes; a finished run moves them into its output.
+    checkpoints = ctx.run_dir / CHECKPOINT_DIR
     spec = {
         "shard_dir": str(shard_dir),
         "out_dir": str(out),
+        "checkpoint_dir": str(checkpoints),
         "train": dataclasses.asdict(cfg.train),
         "model": {"dim": cfg.model.dim, "hidden": list(cfg.model.hidden)},
         "featurizer": Featurizer.from_config(cfg.featurizer).settings(),
@@ -44,6 +54,8 @@ def run(ctx: RunContext, out: Path) -> StageResult:
         spec, cfg.train.world_size, local_mode=cfg.train.local_mode, use_gpu=cfg.train.use_gpu
     )
     save_pyfunc(out / MODEL_FILE, out / PYFUNC_DIR)
+    if checkpoints.exists():
+        shutil.move(str(checkpoints), str(out / "checkpoints"))
     n_train = int(manifest["splits"]["train"]["rows"])
     n_val = int(manifest["splits"]["validation"]["rows"])
     t = cfg.train
@@ -64,19 +76,12 @@ def run(ctx: RunContext, out: Path) -> StageResult:
             "epochs": t.epochs,
             "optimizer": "adagrad",
         },  # fmt: skip
-        metrics={
-            k: float(result[k])
-            for k in (
-                "time_used_s",
-                "steps",
-                "step_time_s",
-                "samples_per_s",
-                "train_loss",
-                "val_loss",
-                "val_accuracy",
-                "epochs_run",
-            )
-        },  # fmt: skip
+        metrics={k: float(result[k]) for k in TRAIN_METRICS if result.get(k) is not None},
+        series={
+            "loss": [[step, loss] for step, loss in result["losses"]],
+            "val_loss": [[h["step"], h["val_loss"]] for h in result["history"]],
+            "val_accuracy": [[h["step"], h["val_accuracy"]] for h in result["history"]],
+        },
         tags={"stopped_by": result["stopped_by"]},
         artifacts=[RESULT_FILE, SPEC_FILE],
         model=MODEL_FILE,

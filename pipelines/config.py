@@ -173,8 +173,22 @@ class TrainConfig:
     """Upper bound on passes over the training shards."""
     batch_size: int = 256
     """Examples per worker per step."""
+    optimizer: Literal["adagrad", "sgd", "sparse_adam"] = "adagrad"
+    """Optimizer of the embedding table (sparse gradients on CPU); ``sparse_adam`` is CPU only."""
     lr: float = 0.5
-    """Learning rate (Adagrad)."""
+    """Learning rate of the embedding optimizer."""
+    dense_optimizer: Literal["adagrad", "sgd", "adam"] = "adagrad"
+    """Optimizer of the dense layers (hidden and output)."""
+    dense_lr: float = 0.5
+    """Learning rate of the dense optimizer."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Decay of both learning rates over the planned steps (``epochs`` × steps per epoch)."""
+    warmup_steps: int = 0
+    """Steps of linear warm-up before the schedule."""
+    checkpoint_every: int = 200
+    """Steps between atomic checkpoints (0: only the final one); a rerun resumes from the last."""
+    timeout_s: float = 600.0
+    """How long a collective waits for a missing rank before the run fails."""
     tolerance: float = 1e-3
     """ρ: stop early when validation loss improves by less than this after an epoch."""
     use_gpu: bool = False
@@ -186,7 +200,14 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_positive(self, "train", ("world_size", "epochs", "batch_size"))
-        for name in ("time_budget_s", "lr"):
+        if self.warmup_steps < 0 or self.checkpoint_every < 0:
+            raise ConfigError("train.warmup_steps and train.checkpoint_every must be >= 0")
+        if self.optimizer == "sparse_adam" and self.use_gpu:
+            raise ConfigError(
+                "train.optimizer = sparse_adam needs sparse gradients, which NCCL cannot "
+                "all-reduce; on GPUs use adagrad or sgd"
+            )
+        for name in ("time_budget_s", "lr", "dense_lr", "timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} = {getattr(self, name)}: must be > 0")
         if self.tolerance < 0:

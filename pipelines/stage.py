@@ -56,6 +56,8 @@ class StageResult:
     tags: dict[str, str] = field(default_factory=dict)
     artifacts: list[str] = field(default_factory=list)
     """Files or folders (relative to the stage folder) to attach to the stage's MLflow run."""
+    series: dict[str, list[list[float]]] = field(default_factory=dict)
+    """Metric histories as ``[step, value]`` pairs (loss curves), logged in one batch."""
     model: str | None = None
     """A saved ``model.pt`` (relative to the stage folder) to log as the run's pyfunc model."""
     seconds: float = 0.0

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -115,6 +116,20 @@ class Tracker:
         mlflow.log_metrics(
             _finite({**counts, **reasons, **result.metrics, "stage_seconds": result.seconds})
         )
+        if result.series:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            points = [
+                Metric(name, float(value), now, int(step))
+                for name, pairs in result.series.items()
+                for step, value in pairs
+                if value is not None and math.isfinite(float(value))
+            ]
+            client = mlflow.tracking.MlflowClient()
+            run_id = mlflow.active_run().info.run_id
+            for i in range(0, len(points), 1000):  # MLflow takes at most 1000 metrics a batch
+                client.log_batch(run_id, metrics=points[i : i + 1000])
         if result.params:
             mlflow.log_params({k: str(v)[:6000] for k, v in result.params.items()})
         mlflow.set_tags(

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +29,11 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
         spec["train"]["use_gpu"], int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.is_available()
     )
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    dist.init_process_group(backend)
+    dist.init_process_group(backend, timeout=timedelta(seconds=spec["train"]["timeout_s"]))
     try:
         result = Trainer(spec).train()
     finally:
         dist.destroy_process_group()
-    result.pop("history", None)
     return result
 
 
@@ -73,7 +73,8 @@ def launch_distributor(
             mode = "local" if local_mode else "barrier"
             raise StageError(
                 f"training failed: TorchDistributor ({mode} mode, {world_size} processes) "
-                f"{type(exc).__name__}: {str(exc)[-1500:]}"
+                f"{type(exc).__name__}: {str(exc)[-1500:]} (the processes' output is above; rerun "
+                "to resume from the last checkpoint)"
             ) from exc
     result_path = Path(spec["out_dir"]) / RESULT_FILE
     if not result_path.exists():
@@ -82,14 +83,27 @@ def launch_distributor(
 
 
 def torchrun_main(argv: list[str] | None = None) -> int:
-    """``torchrun --nnodes N --nproc-per-node P -m trainers.launch SPEC.json``: a standalone
-    multi-node launch of the same worker, from a spec the train stage wrote."""
-    args = argv if argv is not None else sys.argv[1:]
-    if len(args) != 1:
-        print("usage: torchrun ... -m trainers.launch SPEC.json", file=sys.stderr)
-        return 2
-    spec = json.loads(Path(args[0]).read_text())
-    train_worker(spec)
+    """``torchrun --nnodes N --nproc-per-node P -m trainers.launch SPEC.json [--out DIR]``: a
+    standalone (multi-node) launch of the same worker from the spec the train stage wrote.
+    ``--out`` (default: ``torchrun/`` beside the spec) receives the model, the result and the
+    checkpoints, so a relaunch with the same ``--out`` resumes."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m trainers.launch")
+    parser.add_argument("spec", type=Path)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    spec = json.loads(args.spec.read_text())
+    out = args.out or args.spec.parent / "torchrun"
+    spec["out_dir"] = str(out)
+    spec["checkpoint_dir"] = str(out / "checkpoints")
+    result = train_worker(spec)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(
+            json.dumps(
+                {k: result[k] for k in ("stopped_by", "steps", "time_used_s", "val_accuracy")}
+            )
+        )
     return 0
 
 

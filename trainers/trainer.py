@@ -3,14 +3,18 @@
 One class serves every launcher (TorchDistributor local or on barrier executors, torchrun): it
 expects an initialized process group and reads rank and world size from it. All ranks agree on
 when to stop through a collective (never by their own clocks alone), so they stop at the same
-step. Only rank 0 writes the model and the result.
+step. Rank 0 writes atomic checkpoints every ``checkpoint_every`` steps; a rerun after a failure
+loads the last one on every rank and goes on from that step, with the time already used counted
+against the budget. Only rank 0 writes the model and the result.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -30,7 +34,13 @@ from trainers.model import ModelSpec, NgramClassifier
 MODEL_FILE = "model.pt"
 RESULT_FILE = "train_result.json"
 STOP_CHECK_EVERY = 8  # steps between stop votes: one tiny all-reduce, not one per step
+PROBE_EVERY = 25  # steps between compute-only probes that split step time into compute and comm
+LOSS_EVERY = 10  # steps between recorded loss values (rank 0, logged to MLflow in one batch)
 PROGRESS_EVERY_S = 5.0
+KEEP_CHECKPOINTS = 2
+# Fault injection for the resume test: this rank kills itself at this step (first attempt only).
+FAULT_RANK_ENV = "ZIPFLINE_FAULT_KILL_RANK"
+FAULT_STEP_ENV = "ZIPFLINE_FAULT_KILL_AT_STEP"
 
 
 @dataclass(frozen=True)
@@ -71,6 +81,53 @@ def select_device(use_gpu: bool, local_rank: int, cuda_available: bool) -> tuple
     return torch.device("cpu"), "gloo"
 
 
+def build_optimizers(model: NgramClassifier, cfg: dict[str, Any]) -> list[torch.optim.Optimizer]:
+    """One optimizer for the embedding table (fit for sparse gradients), one for the rest."""
+    sparse = model.embedding.sparse
+    emb = [model.embedding.weight]
+    dense = [p for name, p in model.named_parameters() if not name.startswith("embedding.")]
+    kind = cfg["optimizer"]
+    if kind == "sparse_adam" and not sparse:
+        raise ConfigError("train.optimizer = sparse_adam needs a sparse embedding (CPU training)")
+    embedding_opt = {
+        "adagrad": lambda: torch.optim.Adagrad(emb, lr=cfg["lr"]),
+        "sgd": lambda: torch.optim.SGD(emb, lr=cfg["lr"]),
+        "sparse_adam": lambda: torch.optim.SparseAdam(emb, lr=cfg["lr"]),
+    }[kind]()
+    dense_opt = {
+        "adagrad": lambda: torch.optim.Adagrad(dense, lr=cfg["dense_lr"]),
+        "sgd": lambda: torch.optim.SGD(dense, lr=cfg["dense_lr"], momentum=0.9),
+        "adam": lambda: torch.optim.Adam(dense, lr=cfg["dense_lr"]),
+    }[cfg["dense_optimizer"]]()
+    return [embedding_opt, dense_opt]
+
+
+def lr_factor(step: int, total: int, schedule: str, warmup: int) -> float:
+    """The multiplier of the base learning rates at ``step`` of ``total`` planned steps."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def spec_fingerprint(spec: dict[str, Any], manifest: dict[str, Any]) -> str:
+    """What a checkpoint must agree with to be resumed: data, model, and how it trains."""
+    keep = {
+        k: v for k, v in spec["train"].items() if k not in ("time_budget_s", "epochs", "timeout_s")
+    }
+    payload = {
+        "train": keep,
+        "model": spec["model"],
+        "featurizer": spec["featurizer"],
+        "shards": [f["sha256"] for s in manifest["splits"].values() for f in s["files"]],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
 class Trainer:
     """Train, evaluate and checkpoint one rank's part of a data-parallel run."""
 
@@ -85,6 +142,7 @@ class Trainer:
         shard_dir = Path(spec["shard_dir"])
         manifest = load_manifest(shard_dir)
         check_featurizer(manifest, spec["featurizer"], str(shard_dir))
+        self.fingerprint = spec_fingerprint(spec, manifest)
         self.labels: list[str] = manifest["labels"]
         self.train_data = read_split(shard_dir, "train", self.rank, self.world_size)
         self.val_data = read_split(shard_dir, "validation", self.rank, self.world_size)
@@ -98,15 +156,22 @@ class Trainer:
         # NCCL cannot all-reduce sparse gradients: dense embedding gradients on GPUs.
         model = NgramClassifier(self.model_spec, sparse=self.device.type == "cpu")
         self.model = model.to(self.device, dtype=self.precision.param_dtype)
-        self.ddp = (
-            DistributedDataParallel(self.model)
-            if self.device.type == "cpu"
-            else (DistributedDataParallel(self.model, device_ids=[self.device.index]))
-        )
-        self.optimizer = torch.optim.Adagrad(self.ddp.parameters(), lr=self.cfg["lr"])
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
+        self.optimizers = build_optimizers(self.model, self.cfg)
+        self.base_lrs = [[g["lr"] for g in opt.param_groups] for opt in self.optimizers]
         self.scaler = torch.amp.GradScaler("cuda") if self.precision.use_scaler else None
+        self.checkpoint_dir = Path(spec["checkpoint_dir"]) if spec.get("checkpoint_dir") else None
         self.step = 0
         self.epoch = 0
+        self.step_in_epoch = 0
+        self.time_used_before = 0.0
+        self.resumed_from_step: int | None = None
+        self.history: list[dict[str, float]] = []
+        self.losses: list[tuple[int, float]] = []
+        self.best_val = math.inf
+        self.total_steps = 1
+        self.stopped_by: str | None = None  # set once training has ended (kept in checkpoints)
 
     # --- pieces -------------------------------------------------------------------------
 
@@ -125,19 +190,46 @@ class Trainer:
         w = weights.to(logits.dtype) * known
         return (losses * w).sum() / w.sum().clamp(min=1e-12)
 
-    def train_step(self, batch: tuple[torch.Tensor, ...]) -> float:
-        """One synchronous data-parallel step; returns the local loss."""
-        self.optimizer.zero_grad(set_to_none=True)
+    def _set_lr(self) -> None:
+        factor = lr_factor(
+            self.step, self.total_steps, self.cfg["lr_schedule"], self.cfg["warmup_steps"]
+        )
+        for opt, bases in zip(self.optimizers, self.base_lrs, strict=True):
+            for group, base in zip(opt.param_groups, bases, strict=True):
+                group["lr"] = base * factor
+
+    def train_step(self, batch: tuple[torch.Tensor, ...]) -> tuple[float, float]:
+        """One synchronous data-parallel step; returns the local loss and the seconds spent in
+        forward + backward (gradient all-reduce included)."""
+        self._set_lr()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
         loss = self._loss(batch, self.ddp)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
+            fwd_bwd = time.perf_counter() - t0
+            for opt in self.optimizers:
+                self.scaler.step(opt)
             self.scaler.update()
         else:
             loss.backward()
-            self.optimizer.step()
+            fwd_bwd = time.perf_counter() - t0
+            for opt in self.optimizers:
+                opt.step()
         self.step += 1
-        return float(loss.detach())
+        return float(loss.detach()), fwd_bwd
+
+    def _compute_probe(self, batch: tuple[torch.Tensor, ...]) -> float:
+        """Forward + backward without the gradient all-reduce, gradients thrown away: the
+        compute part of a step, to split step time into compute and communication."""
+        t0 = time.perf_counter()
+        with self.ddp.no_sync():
+            self._loss(batch, self.ddp).backward()
+        seconds = time.perf_counter() - t0
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        return seconds
 
     @torch.no_grad()
     def evaluate(self, batch_size: int = 4096) -> dict[str, float]:
@@ -171,19 +263,89 @@ class Trainer:
         dist.all_reduce(local, op=dist.ReduceOp.MIN)  # every rank must take the same steps
         return int(local.item())
 
+    # --- state and checkpoints ----------------------------------------------------------
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "step": self.step,
             "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "time_used_s": self.time_used_before,
+            "history": self.history,
+            "losses": self.losses,
+            "best_val": self.best_val,
+            "stopped_by": self.stopped_by,
+            "fingerprint": self.fingerprint,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        for opt, opt_state in zip(self.optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(opt_state)
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.epoch = int(state["epoch"])
+        self.step_in_epoch = int(state["step_in_epoch"])
+        self.time_used_before = float(state["time_used_s"])
+        self.history = list(state["history"])
+        self.losses = [tuple(x) for x in state["losses"]]
+        self.best_val = float(state["best_val"])
+        self.stopped_by = state.get("stopped_by")
+
+    def _checkpoints(self) -> list[Path]:
+        if self.checkpoint_dir is None or not self.checkpoint_dir.is_dir():
+            return []
+        return sorted(
+            self.checkpoint_dir.glob("ckpt-*.pt"), key=lambda p: int(p.stem.split("-")[1])
+        )
+
+    def save_checkpoint(self, time_used: float) -> None:
+        """Rank 0 writes ``ckpt-<step>.pt`` atomically and keeps the last few; all ranks wait."""
+        if self.checkpoint_dir is not None and self.rank == 0:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            self.time_used_before, saved = time_used, self.time_used_before
+            state = self.state_dict()
+            self.time_used_before = saved
+            tmp = self.checkpoint_dir / f".ckpt-{self.step}.pt.tmp"
+            torch.save(state, tmp)
+            tmp.replace(self.checkpoint_dir / f"ckpt-{self.step}.pt")
+            for old in self._checkpoints()[:-KEEP_CHECKPOINTS]:
+                old.unlink(missing_ok=True)
+        dist.barrier()
+
+    def resume(self) -> bool:
+        """Load the newest checkpoint that matches this run, on every rank."""
+        for path in reversed(self._checkpoints()):
+            try:
+                state = torch.load(path, map_location=self.device, weights_only=False)
+            except Exception as exc:  # a torn or foreign file: try the one before
+                if self.rank == 0:
+                    print(f"[train] skipping unreadable checkpoint {path.name}: {exc}", flush=True)
+                continue
+            if state.get("fingerprint") != self.fingerprint:
+                if self.rank == 0:
+                    print(f"[train] checkpoint {path.name} is from other data or settings; "
+                          "starting afresh", flush=True)  # fmt: skip
+                return False
+            self.load_state_dict(state)
+            self.resumed_from_step = self.step
+            if self.rank == 0:
+                print(f"[train] resumed from {path.name} (step {self.step}, epoch {self.epoch + 1})",
+                      flush=True)  # fmt: skip
+            return True
+        return False
+
+    def _maybe_fault(self) -> None:
+        if (
+            self.resumed_from_step is None
+            and os.environ.get(FAULT_RANK_ENV) == str(self.rank)
+            and os.environ.get(FAULT_STEP_ENV) == str(self.step)
+        ):
+            os.kill(os.getpid(), signal.SIGKILL)
 
     # --- the loop -----------------------------------------------------------------------
 
@@ -191,28 +353,47 @@ class Trainer:
         """Epochs until the budget, convergence (ρ) or ``epochs``; all ranks stop together."""
         budget = float(self.cfg["time_budget_s"])
         batch_size = int(self.cfg["batch_size"])
+        self.resume()
         dist.barrier()
-        start = time.monotonic()
+        start = time.monotonic() - self.time_used_before
         steps_per_epoch = self._steps_per_epoch()
         if steps_per_epoch == 0:
             raise ConfigError("no training rows on some rank: more data or fewer train.world_size")
-        stopped_by = "epochs"
-        step_seconds = 0.0
-        last_progress = start
-        history: list[dict[str, float]] = []
-        best_val = math.inf
+        self.total_steps = steps_per_epoch * self.cfg["epochs"]
+        every = int(self.cfg["checkpoint_every"])
+        stopped_by = self.stopped_by or "epochs"
+        step_seconds = probe_seconds = probe_fwd_bwd = probe_steps_seconds = 0.0
+        samples = 0
+        last_progress = time.monotonic()
         loss = math.nan
-        for epoch in range(self.cfg["epochs"]):
-            self.epoch = epoch
+        while self.stopped_by is None and self.epoch < self.cfg["epochs"]:
+            epoch = self.epoch
             order = np.random.default_rng([self.cfg["seed"], epoch, self.rank]).permutation(
                 self.train_data.num_rows
             )
             out_of_time = False
-            for i in range(steps_per_epoch):
-                rows = order[i * batch_size : (i + 1) * batch_size]
+            while self.step_in_epoch < steps_per_epoch:
+                i = self.step_in_epoch
+                batch = self.train_data.batch(order[i * batch_size : (i + 1) * batch_size])
+                if self.step % PROBE_EVERY == PROBE_EVERY - 1:
+                    probe_seconds += self._compute_probe(batch)
+                    probe = True
+                else:
+                    probe = False
                 t0 = time.perf_counter()
-                loss = self.train_step(self.train_data.batch(rows))
-                step_seconds += time.perf_counter() - t0
+                loss, fwd_bwd = self.train_step(batch)
+                seconds = time.perf_counter() - t0
+                step_seconds += seconds
+                if probe:
+                    probe_fwd_bwd += fwd_bwd
+                    probe_steps_seconds += seconds
+                samples += len(batch[2])
+                self.step_in_epoch += 1
+                if self.step % LOSS_EVERY == 0:
+                    self.losses.append((self.step, loss))
+                self._maybe_fault()
+                if every and self.step % every == 0:
+                    self.save_checkpoint(time.monotonic() - start)
                 if self.step % STOP_CHECK_EVERY == 0 and self._agree(
                     time.monotonic() - start >= budget
                 ):
@@ -224,15 +405,17 @@ class Trainer:
                           f"{now - start:.0f}s of {budget:.0f}s", flush=True)  # fmt: skip
                     last_progress = now
             metrics = self.evaluate()
-            history.append({"epoch": epoch + 1, "step": self.step, "loss": loss, **metrics})
+            self.history.append({"epoch": epoch + 1, "step": self.step, "loss": loss, **metrics})
             if self.rank == 0:
                 print(f"[train] epoch {epoch + 1}: val_loss {metrics['val_loss']:.4f} "
                       f"val_accuracy {metrics['val_accuracy']:.4f}", flush=True)  # fmt: skip
             if out_of_time:
                 stopped_by = "budget"
                 break
-            improvement = best_val - metrics["val_loss"]
-            best_val = min(best_val, metrics["val_loss"])
+            self.epoch += 1
+            self.step_in_epoch = 0
+            improvement = self.best_val - metrics["val_loss"]
+            self.best_val = min(self.best_val, metrics["val_loss"])
             if improvement < self.cfg["tolerance"]:
                 stopped_by = "converged"
                 break
@@ -240,23 +423,46 @@ class Trainer:
                 stopped_by = "budget"
                 break
         time_used = time.monotonic() - start
-        samples = self.step * batch_size * self.world_size
+        self.stopped_by = stopped_by
+        self.save_checkpoint(time_used)
+        steps_here = self.step - (self.resumed_from_step or 0)
+        step_time = step_seconds / max(steps_here, 1)
+        # Communication: on probe steps, the time the gradient all-reduce adds to the same
+        # forward + backward without it, as a share of those steps' whole time.
+        comm_fraction = math.nan
+        if probe_steps_seconds > 0:
+            comm = max(0.0, probe_fwd_bwd - probe_seconds)
+            comm_fraction = min(1.0, comm / probe_steps_seconds)
         result = {
             "stopped_by": stopped_by,
             "time_used_s": time_used,
             "steps": self.step,
-            "epochs_run": len(history),
-            "step_time_s": step_seconds / max(self.step, 1),
-            "samples_per_s": samples / max(step_seconds, 1e-9),
+            "resumed_from_step": self.resumed_from_step,
+            "epochs_run": len(self.history),
+            "step_time_s": step_time,
+            "compute_time_s": step_time * (1.0 - comm_fraction),
+            "comm_fraction": comm_fraction,
+            "samples_per_s": samples * self.world_size / max(step_seconds, 1e-9),
             "train_loss": loss,
-            "val_loss": history[-1]["val_loss"] if history else math.nan,
-            "val_accuracy": history[-1]["val_accuracy"] if history else math.nan,
-            "history": history,
+            "val_loss": self.history[-1]["val_loss"] if self.history else math.nan,
+            "val_accuracy": self.history[-1]["val_accuracy"] if self.history else math.nan,
+            "history": self.history,
+            "losses": self.losses,
             "model_capacity": self.model_spec.capacity,
-            "n_train_local": self.train_data.num_rows,
+            "world_size": self.world_size,
+            "device": str(self.device),
+            "precision": self.precision.name,
         }
         if self.rank == 0:
             self._save(result)
+        # Every rank records where it stopped: they must agree (checked by the tests).
+        ranks = Path(self.spec["out_dir"]) / "ranks"
+        ranks.mkdir(parents=True, exist_ok=True)
+        (ranks / f"rank-{self.rank}.json").write_text(
+            json.dumps(
+                {k: result[k] for k in ("steps", "stopped_by", "epochs_run")} | {"rank": self.rank}
+            )
+        )
         dist.barrier()
         return result
 
