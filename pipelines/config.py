@@ -177,11 +177,11 @@ class TrainConfig:
     """Optimizer of the embedding table (sparse gradients on CPU); ``sparse_adam`` is CPU only."""
     lr: float = 0.5
     """Learning rate of the embedding optimizer."""
-    dense_optimizer: Literal["adagrad", "sgd", "adam"] = "adagrad"
+    dense_optimizer: Literal["adagrad", "sgd", "adam"] = "adam"
     """Optimizer of the dense layers (hidden and output)."""
-    dense_lr: float = 0.5
+    dense_lr: float = 0.003
     """Learning rate of the dense optimizer."""
-    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    lr_schedule: Literal["constant", "linear", "cosine"] = "linear"
     """Decay of both learning rates over the planned steps (``epochs`` × steps per epoch)."""
     warmup_steps: int = 0
     """Steps of linear warm-up before the schedule."""

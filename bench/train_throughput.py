@@ -1,0 +1,158 @@
+"""Training throughput and accuracy against fastText on the generator's data.
+
+Generates a log (default 1M events over 200k distinct queries), runs the data stages to shards
+(distinct queries weighted equally, ``shard.sampling=unique``, so both learners see the same
+examples), then trains for a fixed number of epochs with no early stop:
+
+- zipfline at fp32 and bf16, with 1 and 2 worker processes (one thread each), through
+  TorchDistributor local mode: samples/s per core and 2-worker scaling efficiency;
+- fastText (``fasttext-numpy2``) on the same distinct training texts, one thread, with the same
+  dimension, word n-grams, buckets and epochs: examples/s.
+
+Both models are scored on the same test split with the same metric code (distinct-query
+accuracy, 1 − ``test_error``). Prints a table.
+
+    .venv/bin/pip install fasttext-numpy2
+    .venv/bin/python bench/train_throughput.py [--events 1000000] [--epochs 5] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipelines.config import load_config
+from pipelines.flow import run_pipeline
+from pipelines.stage import RunContext
+from trainers.evaluate import TestSet, evaluate, read_test_split
+from trainers.featurizer import Featurizer, normalize_query
+from trainers.launch import launch_distributor
+from trainers.serving import Predictor
+
+
+def _test_accuracy(test_df: pd.DataFrame, labels: list[str], probs: np.ndarray) -> float:
+    m = evaluate(TestSet.from_frame(test_df, labels), probs, breadth_recall=0.8)
+    return 1.0 - m["test_error"]
+
+
+def run_zipfline(cfg, shard_dir: Path, out: Path, precision: str, workers: int) -> dict:
+    spec = {
+        "shard_dir": str(shard_dir),
+        "out_dir": str(out),
+        "checkpoint_dir": None,
+        "train": dataclasses.asdict(cfg.train)
+        | {
+            "precision": precision,
+            "world_size": workers,
+            "tolerance": -1e9,
+            "time_budget_s": 1e9,
+            "checkpoint_every": 0,
+        },  # fmt: skip
+        "model": {"dim": cfg.model.dim, "hidden": list(cfg.model.hidden)},
+        "featurizer": Featurizer.from_config(cfg.featurizer).settings(),
+    }
+    return launch_distributor(spec, workers, local_mode=True, use_gpu=False)
+
+
+def run_fasttext(
+    train_df: pd.DataFrame, test_df: pd.DataFrame, cfg, epochs: int, work: Path
+) -> dict:
+    import fasttext
+
+    path = work / "fasttext_train.txt"
+    with path.open("w") as fh:
+        for query, label in zip(train_df["query"], train_df["majority_label"], strict=True):
+            fh.write(f"__label__{label} {query}\n")
+    t0 = time.perf_counter()
+    model = fasttext.train_supervised(
+        str(path), dim=cfg.model.dim, wordNgrams=cfg.featurizer.word_ngrams,
+        bucket=cfg.featurizer.num_buckets, epoch=epochs, thread=1, minCount=1, lr=0.5, verbose=0,
+    )  # fmt: skip
+    seconds = time.perf_counter() - t0
+    labels = [lab.removeprefix("__label__") for lab in model.get_labels()]
+    queries = [normalize_query(q) for q in test_df["query"]]
+    got_labels, got_probs = model.predict(queries, k=len(labels))
+    probs = np.zeros((len(queries), len(labels)))
+    index = {lab: i for i, lab in enumerate(labels)}
+    for row, (ls, ps) in enumerate(zip(got_labels, got_probs, strict=True)):
+        for lab, p in zip(ls, ps, strict=True):
+            probs[row, index[lab.removeprefix("__label__")]] = p
+    return {
+        "samples_per_s": len(train_df) * epochs / seconds,
+        "seconds": seconds,
+        "accuracy": _test_accuracy(test_df, labels, probs),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--queries", type=int, default=200_000)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "zipfline-bench")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(
+        "local",
+        [
+            f"data.root={args.work / 'data'}", f"tracking.uri=sqlite:///{args.work / 'mlflow.db'}",
+            f"generate.num_events={args.events}", f"generate.num_queries={args.queries}",
+            "shard.sampling=unique", f"train.epochs={args.epochs}", "spark.master=local[2]",
+        ],
+    )  # fmt: skip
+    ctx = RunContext(cfg, "2026-01-01")
+    t0 = time.perf_counter()
+    run_pipeline(ctx, stop="shard", trigger="bench")
+    _ = ctx.spark  # TorchDistributor needs an active session, even when the stages were cached
+    print(f"data stages (or their cached output): {time.perf_counter() - t0:.0f}s")
+    split_dir, shard_dir = ctx.stage_dir("split"), ctx.stage_dir("shard")
+    train_df = pd.read_parquet(split_dir / "train")
+    test_df = read_test_split(split_dir)
+    print(f"{len(train_df):,} distinct training queries, {len(test_df):,} test queries, "
+          f"{args.epochs} epochs, dim {cfg.model.dim}, word n-grams {cfg.featurizer.word_ngrams}, "
+          f"{cfg.featurizer.num_buckets:,} buckets, {os.cpu_count()} cores")  # fmt: skip
+
+    rows = []
+    single = {}
+    for precision in ("fp32", "bf16"):
+        for workers in (1, 2):
+            out = args.work / f"run-{precision}-{workers}"
+            result = run_zipfline(cfg, shard_dir, out, precision, workers)
+            predictor = Predictor.from_file(out / "model.pt")
+            acc = _test_accuracy(
+                test_df, predictor.labels, predictor.predict_proba(test_df["query"])
+            )
+            per_core = result["samples_per_s"] / workers
+            if workers == 1:
+                single[precision] = result["samples_per_s"]
+            efficiency = result["samples_per_s"] / (workers * single[precision])
+            rows.append((f"zipfline {precision}", workers, result["samples_per_s"], per_core,
+                         efficiency, result["comm_fraction"], acc))  # fmt: skip
+    ft = run_fasttext(train_df, test_df, cfg, args.epochs, args.work)
+    rows.append(
+        ("fastText", 1, ft["samples_per_s"], ft["samples_per_s"], 1.0, float("nan"), ft["accuracy"])
+    )
+
+    print(f"\n{'learner':<16}{'workers':>8}{'samples/s':>12}{'per core':>12}{'scaling':>9}"
+          f"{'comm':>7}{'test acc':>10}")  # fmt: skip
+    for name, workers, sps, per_core, eff, comm, acc in rows:
+        comm_s = "-" if np.isnan(comm) else f"{comm:.2f}"
+        print(
+            f"{name:<16}{workers:>8}{sps:>12,.0f}{per_core:>12,.0f}{eff:>9.2f}{comm_s:>7}{acc:>10.4f}"
+        )
+    best = max(r[3] for r in rows[:-1])
+    print(f"\nper-core throughput, best zipfline / fastText: {best / ft['samples_per_s']:.2f}")
+    print(
+        f"test accuracy, zipfline fp32 (2 workers) - fastText: {rows[1][6] - ft['accuracy']:+.4f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
