@@ -4,8 +4,9 @@ Generates a log (default 1M events over 200k distinct queries), runs the data st
 (distinct queries weighted equally, ``shard.sampling=unique``, so both learners see the same
 examples), then trains for a fixed number of epochs with no early stop:
 
-- zipfline at fp32 and bf16, with 1 and 2 worker processes (one thread each), through
-  TorchDistributor local mode: samples/s per core and 2-worker scaling efficiency;
+- zipfline at fp32 and bf16 in sync mode (DDP) and at fp32 in local SGD mode, with 1 and 2
+  worker processes (one thread each), through TorchDistributor local mode: samples/s per core
+  and 2-worker scaling efficiency;
 - fastText (``fasttext-numpy2``) on the same distinct training texts, one thread, with the same
   dimension, word n-grams, buckets and epochs: examples/s.
 
@@ -42,7 +43,9 @@ def _test_accuracy(test_df: pd.DataFrame, labels: list[str], probs: np.ndarray) 
     return 1.0 - m["test_error"]
 
 
-def run_zipfline(cfg, shard_dir: Path, out: Path, precision: str, workers: int) -> dict:
+def run_zipfline(
+    cfg, shard_dir: Path, out: Path, precision: str, workers: int, mode: str = "sync"
+) -> dict:
     spec = {
         "shard_dir": str(shard_dir),
         "out_dir": str(out),
@@ -54,7 +57,8 @@ def run_zipfline(cfg, shard_dir: Path, out: Path, precision: str, workers: int) 
             "tolerance": -1e9,
             "time_budget_s": 1e9,
             "checkpoint_every": 0,
-        },  # fmt: skip
+            "mode": mode,
+        },
         "model": {"dim": cfg.model.dim, "hidden": list(cfg.model.hidden)},
         "featurizer": Featurizer.from_config(cfg.featurizer).settings(),
     }
@@ -121,37 +125,38 @@ def main() -> None:
 
     rows = []
     single = {}
-    for precision in ("fp32", "bf16"):
+    for precision, mode in (("fp32", "sync"), ("bf16", "sync"), ("fp32", "local_sgd")):
         for workers in (1, 2):
-            out = args.work / f"run-{precision}-{workers}"
-            result = run_zipfline(cfg, shard_dir, out, precision, workers)
+            out = args.work / f"run-{precision}-{mode}-{workers}"
+            result = run_zipfline(cfg, shard_dir, out, precision, workers, mode)
             predictor = Predictor.from_file(out / "model.pt")
             acc = _test_accuracy(
                 test_df, predictor.labels, predictor.predict_proba(test_df["query"])
             )
             per_core = result["samples_per_s"] / workers
             if workers == 1:
-                single[precision] = result["samples_per_s"]
-            efficiency = result["samples_per_s"] / (workers * single[precision])
-            rows.append((f"zipfline {precision}", workers, result["samples_per_s"], per_core,
+                single[precision, mode] = result["samples_per_s"]
+            efficiency = result["samples_per_s"] / (workers * single[precision, mode])
+            rows.append((f"zipfline {precision} {mode}", workers, result["samples_per_s"], per_core,
                          efficiency, result["comm_fraction"], acc))  # fmt: skip
     ft = run_fasttext(train_df, test_df, cfg, args.epochs, args.work)
     rows.append(
         ("fastText", 1, ft["samples_per_s"], ft["samples_per_s"], 1.0, float("nan"), ft["accuracy"])
     )
 
-    print(f"\n{'learner':<16}{'workers':>8}{'samples/s':>12}{'per core':>12}{'scaling':>9}"
+    print(f"\n{'learner':<24}{'workers':>8}{'samples/s':>12}{'per core':>12}{'scaling':>9}"
           f"{'comm':>7}{'test acc':>10}")  # fmt: skip
     for name, workers, sps, per_core, eff, comm, acc in rows:
         comm_s = "-" if np.isnan(comm) else f"{comm:.2f}"
         print(
-            f"{name:<16}{workers:>8}{sps:>12,.0f}{per_core:>12,.0f}{eff:>9.2f}{comm_s:>7}{acc:>10.4f}"
+            f"{name:<24}{workers:>8}{sps:>12,.0f}{per_core:>12,.0f}{eff:>9.2f}{comm_s:>7}{acc:>10.4f}"
         )
     best = max(r[3] for r in rows[:-1])
     print(f"\nper-core throughput, best zipfline / fastText: {best / ft['samples_per_s']:.2f}")
-    print(
-        f"test accuracy, zipfline fp32 (2 workers) - fastText: {rows[1][6] - ft['accuracy']:+.4f}"
-    )
+    for i in (1, 5):  # the 2-worker fp32 runs, sync and local SGD
+        print(
+            f"test accuracy, {rows[i][0]} (2 workers) - fastText: {rows[i][6] - ft['accuracy']:+.4f}"
+        )
 
 
 if __name__ == "__main__":

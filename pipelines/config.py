@@ -165,8 +165,12 @@ class TrainConfig:
     """Training processes (data-parallel workers)."""
     precision: Literal["fp64", "fp32", "bf16", "fp16"] = "fp32"
     """Numeric precision; ``fp16`` needs a GPU (it uses a gradient scaler)."""
-    mode: Literal["sync"] = "sync"
-    """Update mode across workers."""
+    mode: Literal["sync", "local_sgd"] = "sync"
+    """``sync``: gradients all-reduced every step (DDP). ``local_sgd``: each worker steps on its
+    own and the models are averaged every ``sync_every`` steps (only the embedding rows some
+    worker touched travel), trading staleness for far less communication."""
+    sync_every: int = 50
+    """Steps between model averages in ``local_sgd`` mode."""
     time_budget_s: float = 60.0
     """Wall-clock budget for the whole training; all ranks stop at the same step."""
     epochs: int = 5
@@ -199,7 +203,7 @@ class TrainConfig:
     """Seed of initialization and of the per-epoch shuffle."""
 
     def __post_init__(self) -> None:
-        _check_positive(self, "train", ("world_size", "epochs", "batch_size"))
+        _check_positive(self, "train", ("world_size", "epochs", "batch_size", "sync_every"))
         if self.warmup_steps < 0 or self.checkpoint_every < 0:
             raise ConfigError("train.warmup_steps and train.checkpoint_every must be >= 0")
         if self.optimizer == "sparse_adam" and self.use_gpu:

@@ -29,15 +29,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("zipfline")
 MARKER = "_SUCCESS"
-# Config sections each stage reads, in flow order; a stage's output depends on its own and on
-# every earlier stage's sections.
+# Config sections (or single dotted keys) each stage reads, in flow order; a stage's output
+# depends on its own and on every earlier stage's.
 SETTINGS_BY_STAGE: dict[str, tuple[str, ...]] = {
     "generate": ("generate",),
     "ingest": ("data", "ingest"),
     "dedupe": (),
     "split": ("split",),
-    "shard": ("shard", "featurizer", "train"),
-    "train": ("model",),
+    "shard": ("shard", "featurizer", "train.world_size"),
+    "train": ("model", "train"),
     "evaluate": ("eval",),
 }
 
@@ -138,9 +138,12 @@ class RunContext:
         upstream stages' (not where runs are tracked or how Spark is sized)."""
         order = list(SETTINGS_BY_STAGE)
         upto = order[: order.index(stage) + 1] if stage in order else order
-        sections = sorted({name for s in upto for name in SETTINGS_BY_STAGE[s]})
+        keys = sorted({name for s in upto for name in SETTINGS_BY_STAGE[s]})
         full = self.cfg.to_dict()
-        settings = {name: full[name] for name in sections}
+        settings = {}
+        for key in keys:
+            section, _, field_name = key.partition(".")
+            settings[key] = full[section][field_name] if field_name else full[section]
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
     def settings_changed(self, stage: str) -> bool:

@@ -157,7 +157,18 @@ class Trainer:
         model = NgramClassifier(self.model_spec, sparse=self.device.type == "cpu")
         self.model = model.to(self.device, dtype=self.precision.param_dtype)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
+        self.local_sgd = self.cfg["mode"] == "local_sgd"
+        # Local SGD steps each replica alone and averages them now and then; sync mode lets DDP
+        # all-reduce the gradients of every step.
+        self.ddp = (
+            self.model
+            if self.local_sgd
+            else DistributedDataParallel(self.model, device_ids=device_ids)
+        )
+        self._touched = torch.zeros(
+            self.model_spec.num_buckets, dtype=torch.bool, device=self.device
+        )
+        self.comm_seconds = 0.0
         self.optimizers = build_optimizers(self.model, self.cfg)
         self.base_lrs = [[g["lr"] for g in opt.param_groups] for opt in self.optimizers]
         self.scaler = torch.amp.GradScaler("cuda") if self.precision.use_scaler else None
@@ -206,6 +217,8 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
         loss = self._loss(batch, self.ddp)
+        if self.local_sgd:
+            self._touched[batch[0].to(self.device)] = True
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             fwd_bwd = time.perf_counter() - t0
@@ -232,8 +245,42 @@ class Trainer:
         return seconds
 
     @torch.no_grad()
+    def average_models(self) -> None:
+        """Local SGD: make every replica the mean of all. Dense layers are averaged whole; of
+        the embedding only the rows that some rank touched since the last average (the others
+        are equal everywhere already)."""
+        if not self.local_sgd:
+            return
+        t0 = time.perf_counter()
+        touched = self._touched.to(torch.uint8)
+        dist.all_reduce(touched, op=dist.ReduceOp.MAX)
+        rows = touched.nonzero().squeeze(1)
+        weight = self.model.embedding.weight
+        if len(rows):
+            values = weight.index_select(0, rows)
+            dist.all_reduce(values)
+            weight.index_copy_(0, rows, values / self.world_size)
+        dense = [
+            p for name, p in self.model.named_parameters() if not name.startswith("embedding.")
+        ]
+        flat = torch.cat([p.reshape(-1) for p in dense])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for p in dense:
+            p.copy_(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+        self._touched.zero_()
+        self.comm_seconds += time.perf_counter() - t0
+
+    def param_checksum(self) -> float:
+        """Sum of all parameters: equal on every rank when the replicas agree."""
+        return float(sum(p.detach().double().sum() for p in self.model.parameters()))
+
+    @torch.no_grad()
     def evaluate(self, batch_size: int = 4096) -> dict[str, float]:
         """Weighted validation loss and accuracy, summed over all ranks."""
+        self.average_models()
         self.model.eval()
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)
         data = self.val_data
@@ -305,6 +352,7 @@ class Trainer:
 
     def save_checkpoint(self, time_used: float) -> None:
         """Rank 0 writes ``ckpt-<step>.pt`` atomically and keeps the last few; all ranks wait."""
+        self.average_models()  # local SGD: a checkpoint holds the consensus model
         if self.checkpoint_dir is not None and self.rank == 0:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             self.time_used_before, saved = time_used, self.time_used_before
@@ -375,7 +423,7 @@ class Trainer:
             while self.step_in_epoch < steps_per_epoch:
                 i = self.step_in_epoch
                 batch = self.train_data.batch(order[i * batch_size : (i + 1) * batch_size])
-                if self.step % PROBE_EVERY == PROBE_EVERY - 1:
+                if not self.local_sgd and self.step % PROBE_EVERY == PROBE_EVERY - 1:
                     probe_seconds += self._compute_probe(batch)
                     probe = True
                 else:
@@ -392,6 +440,8 @@ class Trainer:
                 if self.step % LOSS_EVERY == 0:
                     self.losses.append((self.step, loss))
                 self._maybe_fault()
+                if self.local_sgd and self.step % self.cfg["sync_every"] == 0:
+                    self.average_models()
                 if every and self.step % every == 0:
                     self.save_checkpoint(time.monotonic() - start)
                 if self.step % STOP_CHECK_EVERY == 0 and self._agree(
@@ -430,7 +480,9 @@ class Trainer:
         # Communication: on probe steps, the time the gradient all-reduce adds to the same
         # forward + backward without it, as a share of those steps' whole time.
         comm_fraction = math.nan
-        if probe_steps_seconds > 0:
+        if self.local_sgd:
+            comm_fraction = self.comm_seconds / max(step_seconds + self.comm_seconds, 1e-9)
+        elif probe_steps_seconds > 0:
             comm = max(0.0, probe_fwd_bwd - probe_seconds)
             comm_fraction = min(1.0, comm / probe_steps_seconds)
         result = {
@@ -442,7 +494,9 @@ class Trainer:
             "step_time_s": step_time,
             "compute_time_s": step_time * (1.0 - comm_fraction),
             "comm_fraction": comm_fraction,
-            "samples_per_s": samples * self.world_size / max(step_seconds, 1e-9),
+            "samples_per_s": samples
+            * self.world_size
+            / max(step_seconds + self.comm_seconds, 1e-9),
             "train_loss": loss,
             "val_loss": self.history[-1]["val_loss"] if self.history else math.nan,
             "val_accuracy": self.history[-1]["val_accuracy"] if self.history else math.nan,
@@ -460,7 +514,8 @@ class Trainer:
         ranks.mkdir(parents=True, exist_ok=True)
         (ranks / f"rank-{self.rank}.json").write_text(
             json.dumps(
-                {k: result[k] for k in ("steps", "stopped_by", "epochs_run")} | {"rank": self.rank}
+                {k: result[k] for k in ("steps", "stopped_by", "epochs_run")}
+                | {"rank": self.rank, "param_checksum": self.param_checksum()}
             )
         )
         dist.barrier()

@@ -66,8 +66,22 @@ def test_all_ranks_stop_at_the_same_step_under_a_budget(shards, tmp_path):
     ranks = _ranks(tmp_path)
     assert len(ranks) == 2
     assert ranks[0]["steps"] == ranks[1]["steps"] == result["steps"] > 0
+    assert ranks[0]["param_checksum"] == ranks[1]["param_checksum"]  # DDP kept replicas equal
     assert 0 <= result["comm_fraction"] <= 1
     assert (tmp_path / "model.pt").exists()
+
+
+def test_local_sgd_averages_the_replicas(shards, tmp_path):
+    cfg, shard_dir = shards
+    spec = _spec(cfg, shard_dir, tmp_path, mode="local_sgd", sync_every=7, epochs=3, batch_size=16,
+                 tolerance=-1e9)  # fmt: skip
+    result = launch_distributor(spec, 2, local_mode=True, use_gpu=False)
+    ranks = _ranks(tmp_path)
+    assert ranks[0]["steps"] == ranks[1]["steps"] == result["steps"]
+    # averaged at the end: both replicas hold the same model, and it learned
+    assert ranks[0]["param_checksum"] == pytest.approx(ranks[1]["param_checksum"], rel=1e-9)
+    assert result["val_accuracy"] > 0.6
+    assert 0 < result["comm_fraction"] < 1
 
 
 def test_resume_after_a_killed_rank(shards, tmp_path, monkeypatch):
