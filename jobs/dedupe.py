@@ -15,7 +15,7 @@ from pathlib import Path
 if not __package__:  # started as a script by spark-submit: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pyspark.sql import DataFrame
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from jobs.ingest import ROWS_DIR
@@ -23,6 +23,15 @@ from pipelines.errors import DataError
 from pipelines.stage import RunContext, StageResult
 
 STAGE = "dedupe"
+
+
+def majority_label(label: str, weight: str) -> Column:
+    """Aggregate: the label with the largest weight; ties go by a hash of the label, so every
+    rerun picks the same one. Rows with a null label never win."""
+    return F.max_by(
+        F.col(label),
+        F.when(F.col(label).isNotNull(), F.struct(F.col(weight), F.negative(F.hash(label)))),
+    )
 
 
 def collapse_duplicates(rows: DataFrame) -> DataFrame:
@@ -39,10 +48,7 @@ def collapse_duplicates(rows: DataFrame) -> DataFrame:
         F.map_from_entries(
             F.collect_list(F.when(labeled, F.struct(F.col("label"), F.col("n"))))
         ).alias("label_counts"),
-        # Highest count wins; ties go by a hash of the label, so every rerun picks the same one.
-        F.max_by(
-            F.col("label"), F.when(labeled, F.struct(F.col("n"), F.negative(F.hash("label"))))
-        ).alias("majority_label"),
+        majority_label("label", "n").alias("majority_label"),
         F.min("first_seen").alias("first_seen"),
         F.max("last_seen").alias("last_seen"),
     )

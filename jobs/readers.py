@@ -111,7 +111,7 @@ def _csv_header(spark: SparkSession, f: InputFile) -> list[str]:
     opener = gzip.open if local.name.lower().endswith(".gz") else open
     with opener(local, "rb") as raw:
         text = io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
-        delimiter = "\t" if local.name.lower().rstrip(".gz").endswith(".tsv") else ","
+        delimiter = "\t" if local.name.lower().removesuffix(".gz").endswith(".tsv") else ","
         return next(csv.reader(text, delimiter=delimiter), [])
 
 
@@ -164,7 +164,7 @@ def _read_csv(spark: SparkSession, files: list[InputFile]) -> list[DataFrame]:
             [T.StructField(n, T.StringType()) for n in names]
             + [T.StructField(CORRUPT, T.StringType())]
         )
-        sep = "\t" if uris[0].lower().rstrip(".gz").endswith(".tsv") else ","
+        sep = "\t" if uris[0].lower().removesuffix(".gz").endswith(".tsv") else ","
         reader = (
             spark.read.schema(schema)
             .option("header", True)
