@@ -75,6 +75,9 @@ def run(ctx: RunContext, out: Path) -> StageResult:
     )
     if "bayes_error" in metrics:
         tags["bayes_known"] = "true"
+    for bucket in ("head", "torso", "tail"):  # a metric that cannot be computed says why
+        if metrics.get(f"n_test_{bucket}") == 0:
+            tags[f"missing.acc_{bucket}"] = f"no {bucket} queries in the test split"
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     pd.DataFrame(
         {

@@ -46,6 +46,7 @@ class Universe:
     texts: np.ndarray  # object array of normalized query strings
     probs: np.ndarray  # [num_queries, num_labels] label distribution per query
     popularity: np.ndarray  # [num_queries] probability of each query per event
+    group: np.ndarray  # [num_queries] index of the base query a planted near-duplicate copies
 
     def truth_frame(self) -> pd.DataFrame:
         majority = self.probs.argmax(axis=1)
@@ -56,6 +57,7 @@ class Universe:
                 "majority_label": np.asarray(self.labels, dtype=object)[majority],
                 "popularity": self.popularity,
                 "bayes_error": 1.0 - self.probs.max(axis=1),
+                "group": self.group,
             }
         )
 
@@ -93,10 +95,12 @@ def build_universe(cfg: GenerateConfig) -> Universe:
     # Mildly skewed class prior, so the majority-class baseline is a real baseline.
     prior = 1.0 / np.sqrt(np.arange(1, num_labels + 1))
     prior /= prior.sum()
+    num_variants = int(round(cfg.num_queries * cfg.near_dup_rate / (1 + cfg.near_dup_rate)))
+    num_base = cfg.num_queries - num_variants
     texts: list[str] = []
-    seen: set[str] = set()
+    seen: set[str] = set()  # word multisets: "a b" and "b a" are one query unless planted
     probs = np.zeros((cfg.num_queries, num_labels))
-    while len(texts) < cfg.num_queries:
+    while len(texts) < num_base:
         primary = int(rng.choice(num_labels, p=prior))
         words = [topical[primary][rng.integers(per_label)] for _ in range(rng.integers(1, 3))]
         row = np.full(num_labels, cfg.label_noise / (num_labels - 1))
@@ -109,16 +113,57 @@ def build_universe(cfg: GenerateConfig) -> Universe:
             row[primary], row[other] = share, 1.0 - share
         words += [modifiers[rng.integers(len(modifiers))] for _ in range(rng.integers(0, 3))]
         rng.shuffle(words)
-        text = " ".join(words)
-        if text in seen:
+        key = " ".join(sorted(words))
+        if key in seen:
             continue
-        seen.add(text)
+        seen.add(key)
         probs[len(texts)] = row
-        texts.append(text)
+        texts.append(" ".join(words))
+    group = list(range(num_base))
+    taken_texts = set(texts)
+    while len(texts) < cfg.num_queries:
+        base = int(rng.integers(num_base))
+        variant = near_duplicate(texts[base], rng)
+        if variant is None or variant in taken_texts:
+            continue
+        taken_texts.add(variant)
+        probs[len(texts)] = probs[base]
+        texts.append(variant)
+        group.append(base)
     ranks = rng.permutation(cfg.num_queries) + 1
     popularity = ranks.astype(np.float64) ** -cfg.zipf_exponent
     popularity /= popularity.sum()
-    return Universe(labels, np.asarray(texts, dtype=object), probs, popularity)
+    return Universe(labels, np.asarray(texts, dtype=object), probs, popularity, np.asarray(group))
+
+
+def near_duplicate(text: str, rng: np.random.Generator) -> str | None:
+    """A planted near-duplicate of ``text``: a typo, another word order, or punctuation."""
+    words = text.split(" ")
+    op = int(rng.integers(3))
+    if op == 0:  # typo: two neighbouring letters of a long enough word swapped
+        long_words = [i for i, w in enumerate(words) if len(w) >= 4]
+        if not long_words:
+            return None
+        i = long_words[int(rng.integers(len(long_words)))]
+        w = words[i]
+        j = int(rng.integers(1, len(w) - 2))
+        words[i] = w[:j] + w[j + 1] + w[j] + w[j + 2 :]
+    elif op == 1:  # word order
+        if len(words) < 2:
+            return None
+        words = words[1:] + words[:1]
+    else:  # punctuation
+        if len(words) >= 2 and rng.random() < 0.5:
+            i = int(rng.integers(len(words) - 1))
+            return (
+                " ".join(words[:i])
+                + (" " if i else "")
+                + "-".join(words[i : i + 2])
+                + (" " + " ".join(words[i + 2 :]) if words[i + 2 :] else "")
+            )
+        return text + ("?" if rng.random() < 0.5 else "!")
+    variant = " ".join(words)
+    return variant if variant != text else None
 
 
 def _uniforms(ids: np.ndarray, seed: int, stream: int) -> np.ndarray:

@@ -56,6 +56,9 @@ class GenerateConfig:
     """Probability mass an unambiguous query spreads over the other labels."""
     dirty_fraction: float = 0.002
     """Share of events made messy on purpose (blank, too long, odd case and spacing)."""
+    near_dup_rate: float = 0.05
+    """Planted near-duplicates (typo, word order, punctuation) per base query; the truth's
+    ``group`` says which belong together."""
     format: Literal["csv", "jsonl", "parquet"] = "csv"
     """File format of the generated log."""
     num_files: int = 4
@@ -69,7 +72,8 @@ class GenerateConfig:
             raise ConfigError(f"generate.num_labels = {self.num_labels}: must be at least 2")
         if self.zipf_exponent <= 0:
             raise ConfigError(f"generate.zipf_exponent = {self.zipf_exponent}: must be > 0")
-        for name in ("unlabeled_fraction", "ambiguous_fraction", "label_noise", "dirty_fraction"):
+        for name in ("unlabeled_fraction", "ambiguous_fraction", "label_noise", "dirty_fraction",
+                     "near_dup_rate"):  # fmt: skip
             _check_fraction(f"generate.{name}", getattr(self, name), upper_open=True)
 
 
@@ -80,6 +84,28 @@ class IngestConfig:
 
     def __post_init__(self) -> None:
         _check_positive(self, "ingest", ("max_query_chars",))
+
+
+@dataclass(frozen=True)
+class DedupeConfig:
+    near_enabled: bool = True
+    """Cluster near-duplicates (typos, word order, punctuation) after the exact dedupe."""
+    num_bands: int = 12
+    """MinHash LSH bands; more bands find more candidate pairs."""
+    band_rows: int = 3
+    """MinHash values per band; more rows make a band match only for closer queries."""
+    max_bucket: int = 200
+    """LSH buckets with more queries than this are skipped (hot keys bound the pair count)."""
+    max_edits: int = 1
+    """A candidate pair is a near-duplicate when at most this many typo edits (insert, delete,
+    substitute, swap neighbours) apart, or when both have the same words in another order."""
+    max_iterations: int = 20
+    """Rounds of the connected-components propagation that turns pairs into clusters."""
+
+    def __post_init__(self) -> None:
+        _check_positive(
+            self, "dedupe", ("num_bands", "band_rows", "max_bucket", "max_iterations", "max_edits")
+        )
 
 
 @dataclass(frozen=True)
@@ -262,6 +288,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
+    dedupe: DedupeConfig = field(default_factory=DedupeConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
     featurizer: FeaturizerConfig = field(default_factory=FeaturizerConfig)

@@ -70,6 +70,11 @@ def report_data(cfg: TrackingConfig, run_id: str | None = None) -> dict[str, Any
     data |= {k: v for k, v in parent.data.params.items() if "." not in k}
     data |= dict(parent.data.metrics)
     data["config"] = {k: v for k, v in parent.data.params.items() if "." in k}
+    data["missing"] = {  # metrics that could not be computed, with the reason
+        k.removeprefix("missing."): v
+        for k, v in parent.data.tags.items()
+        if k.startswith("missing.")
+    }
     data["stages"] = {c.data.tags.get("stage", c.info.run_name): _stage_entry(c) for c in children}
     return data
 

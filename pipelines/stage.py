@@ -34,7 +34,7 @@ MARKER = "_SUCCESS"
 SETTINGS_BY_STAGE: dict[str, tuple[str, ...]] = {
     "generate": ("generate",),
     "ingest": ("data", "ingest"),
-    "dedupe": (),
+    "dedupe": ("dedupe",),
     "split": ("split",),
     "shard": ("shard", "featurizer", "train.world_size"),
     "train": ("model", "train"),
