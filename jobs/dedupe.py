@@ -13,6 +13,7 @@ pairs make the clusters.
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 import zlib
@@ -35,12 +36,13 @@ from pipelines.stage import RunContext, StageResult
 STAGE = "dedupe"
 
 
-def majority_label(label: str, weight: str) -> Column:
-    """Aggregate: the label with the largest weight; ties go by a hash of the label, so every
-    rerun picks the same one. Rows with a null label never win."""
+def heaviest(value: str, weight: str) -> Column:
+    """Aggregate: the value with the largest weight (a majority label, a cluster's most frequent
+    query); ties go by a hash of the value, so every rerun picks the same one. Null values never
+    win."""
     return F.max_by(
-        F.col(label),
-        F.when(F.col(label).isNotNull(), F.struct(F.col(weight), F.negative(F.hash(label)))),
+        F.col(value),
+        F.when(F.col(value).isNotNull(), F.struct(F.col(weight), F.negative(F.hash(value)))),
     )
 
 
@@ -58,7 +60,7 @@ def collapse_duplicates(rows: DataFrame) -> DataFrame:
         F.map_from_entries(
             F.collect_list(F.when(labeled, F.struct(F.col("label"), F.col("n"))))
         ).alias("label_counts"),
-        majority_label("label", "n").alias("majority_label"),
+        heaviest("label", "n").alias("majority_label"),
         F.min("first_seen").alias("first_seen"),
         F.max("last_seen").alias("last_seen"),
     )
@@ -81,13 +83,19 @@ def shingles(query: str) -> np.ndarray:
     )
 
 
+@functools.cache
+def _minhash_params(k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``a·x + b mod p`` coefficients of ``k`` hash functions: drawn once, not per query."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(1, 1 << 31, size=k, dtype=np.uint64)
+    b = rng.integers(0, 1 << 31, size=k, dtype=np.uint64)
+    return a, b
+
+
 def band_keys(query: str, num_bands: int, band_rows: int, seed: int = 1) -> np.ndarray:
     """The query's LSH bucket keys: MinHash with ``num_bands × band_rows`` hash functions, one
     key per band (its index and its values hashed together)."""
-    rng = np.random.default_rng(seed)
-    k = num_bands * band_rows
-    a = rng.integers(1, 1 << 31, size=k, dtype=np.uint64)
-    b = rng.integers(0, 1 << 31, size=k, dtype=np.uint64)
+    a, b = _minhash_params(num_bands * band_rows, seed)
     hashes = shingles(query)
     if len(hashes) == 0:
         return np.zeros(0, dtype=np.int64)
@@ -221,11 +229,7 @@ def cluster_near_duplicates(
             "component"
         )
     ids.unpersist()
-    reps = deduped.groupBy("cluster_id").agg(
-        F.max_by("query", F.struct(F.col("count"), F.negative(F.hash("query")))).alias(
-            "representative"
-        )
-    )
+    reps = deduped.groupBy("cluster_id").agg(heaviest("query", "count").alias("representative"))
     return deduped.join(reps, "cluster_id"), stats
 
 

@@ -21,7 +21,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from data_quality.quarantine import count_by_reason, write_quarantine
-from jobs.dedupe import assign_clusters, majority_label
+from jobs.dedupe import assign_clusters, heaviest
 from jobs.ingest import NORM, ROWS_DIR, normalize_queries, tag_reasons
 from jobs.readers import read_raw
 from pipelines.stage import RunContext, StageResult
@@ -108,7 +108,7 @@ def collapse_test_rows(good: DataFrame) -> DataFrame:
     collapsed = per_label.groupBy("query").agg(
         F.sum("w").alias("weight"),
         F.map_from_entries(F.collect_list(F.struct("label", "w"))).alias("label_counts"),
-        majority_label("label", "w").alias("majority_label"),
+        heaviest("label", "w").alias("majority_label"),
     )
     return assign_clusters(collapsed).withColumn("num_labeled", F.col("weight"))
 
