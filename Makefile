@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 STORE ?= sqlite:///mlflow.db
 PORT ?= 5000
 
-.PHONY: demo test test-fast lint format ui java clean
+.PHONY: demo test test-fast lint format ui java wordnet clean
+WORDNET ?= /usr/share/wordnet
 
 # The venv is (re)installed when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -23,6 +24,14 @@ java:
 	set -- $$v; major=$${1:-0}; [ "$$major" = 1 ] && major=$${2:-0}; \
 	if [ "$$major" -lt 17 ] 2>/dev/null || [ -z "$$v" ]; then \
 	  echo "zipfline: Java 17+ is required for Spark (found: $${v:-none}); install it, e.g. apt-get install openjdk-17-jre-headless, or set JAVA_HOME" >&2; exit 2; fi
+
+# `make wordnet`: the synonyms the augment stage reads (Debian's wordnet-base), installed when root.
+wordnet:
+	@test -f $(WORDNET)/data.noun || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "zipfline: installing WordNet (apt-get install wordnet-base)"; \
+	    { apt-get install -y -qq wordnet-base || { apt-get update -qq && apt-get install -y -qq wordnet-base; }; } >/dev/null 2>&1; fi; \
+	  test -f $(WORDNET)/data.noun || { echo "zipfline: WordNet is missing from $(WORDNET): install Debian's wordnet-base (apt-get install wordnet-base), or leave augment.enabled=false" >&2; exit 2; }; }
 
 demo: $(STAMP) java
 	$(BIN)/zipfline run $(ARGS)

@@ -210,15 +210,21 @@ def connected_components(edges: DataFrame, max_iterations: int) -> tuple[DataFra
     return labels, max_iterations
 
 
+def near_duplicate_edges(ids: DataFrame, cfg: DedupeConfig) -> tuple[DataFrame, int]:
+    """Verified near-duplicate pairs ``(a, b)`` among ``ids`` (``id``, ``query``), checkpointed,
+    and the number of hot LSH buckets that were skipped."""
+    pairs, hot = candidate_pairs(ids, cfg.num_bands, cfg.band_rows, cfg.max_bucket)
+    return verified_pairs(pairs, ids, cfg.max_edits).localCheckpoint(), hot.count()
+
+
 def cluster_near_duplicates(
     deduped: DataFrame, cfg: DedupeConfig
 ) -> tuple[DataFrame, dict[str, float]]:
     """Widen ``cluster_id`` to near-duplicate clusters and add each cluster's ``representative``."""
     ids = deduped.select(F.col("cluster_id").alias("id"), "query").persist()
-    pairs, hot = candidate_pairs(ids, cfg.num_bands, cfg.band_rows, cfg.max_bucket)
-    edges = verified_pairs(pairs, ids, cfg.max_edits).localCheckpoint()
+    edges, num_hot = near_duplicate_edges(ids, cfg)
     num_edges = edges.count()
-    stats: dict[str, float] = {"near_dup_pairs": num_edges, "lsh_hot_buckets": hot.count()}
+    stats: dict[str, float] = {"near_dup_pairs": num_edges, "lsh_hot_buckets": num_hot}
     if num_edges:
         components, rounds = connected_components(edges, cfg.max_iterations)
         stats["cc_rounds"] = rounds

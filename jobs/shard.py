@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
+from jobs import augment
 from pipelines.stage import RunContext, StageResult
 from trainers.data import sha256_of
 from trainers.featurizer import Featurizer
@@ -41,7 +42,7 @@ def label_vocabulary(train: DataFrame) -> list[str]:
 def sampling_weight(policy: str) -> Column:
     """A distinct query's training weight: 1, its labeled count, or that count's square root."""
     n = F.col("num_labeled").cast("double")
-    return {"unique": F.lit(1.0), "count": n, "sqrt_count": F.sqrt(n)}[policy].cast("float")
+    return {"unique": F.lit(1.0), "count": n, "sqrt_count": F.sqrt(n)}[policy]
 
 
 def featurize_rows(
@@ -53,12 +54,13 @@ def featurize_rows(
     def ids(queries: pd.Series) -> pd.Series:
         return queries.map(featurizer.ids)
 
+    scale = F.col("aug_weight") if "aug_weight" in df.columns else F.lit(1.0)
     label_id = F.array_position(F.array(*[F.lit(x) for x in labels]), F.col("majority_label")) - 1
     return df.select(
         "query",
         ids(F.col("query")).alias("ids"),
         label_id.cast("int").alias("label"),
-        sampling_weight(policy).alias("weight"),
+        (sampling_weight(policy) * scale).cast("float").alias("weight"),
     )
 
 
@@ -83,7 +85,10 @@ def run(ctx: RunContext, out: Path) -> StageResult:
     cfg = ctx.cfg
     split_dir = ctx.require("split")
     featurizer = Featurizer.from_config(cfg.featurizer)
-    train = ctx.spark.read.parquet(str(split_dir / "train"))
+    train_dir = split_dir / "train"
+    if cfg.augment.enabled:
+        train_dir = ctx.require("augment") / augment.TRAIN_DIR
+    train = ctx.spark.read.parquet(str(train_dir))
     validation = ctx.spark.read.parquet(str(split_dir / "validation"))
     labels = label_vocabulary(train)
     num_train_shards = cfg.train.world_size * cfg.shard.shards_per_worker
@@ -111,7 +116,11 @@ def run(ctx: RunContext, out: Path) -> StageResult:
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     split_result = ctx.read_result("split").metrics
-    rows_in = int(split_result["rows_train"] + split_result["rows_validation"])
+    rows_in = int(split_result["rows_validation"])
+    if cfg.augment.enabled:
+        rows_in += ctx.read_result("augment").rows_out
+    else:
+        rows_in += int(split_result["rows_train"])
     rows_out = sum(s["rows"] for s in manifest["splits"].values())
     shard_rows = [e["rows"] for e in splits["train"]]
     return StageResult(

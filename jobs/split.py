@@ -4,8 +4,8 @@ Rows are assigned by a seeded hash of their ``cluster_id``, so every member of a
 in the same split and nothing of a test query leaks into training. Each row keeps its Zipf
 ``bucket`` (head / torso / tail by traffic share, DESIGN §8) and a ``weight``: the labeled
 events it stands for, which the weighted test error uses. With ``data.test_path`` the external
-test set replaces the hashed test split; training rows that are also in it are quarantined as
-``in_test_set``.
+test set replaces the hashed test split; log rows that are also in it are quarantined as
+``in_test_set``, and log clusters holding a near-duplicate of a test query as ``near_test_set``.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from data_quality.quarantine import count_by_reason, write_quarantine
-from jobs.dedupe import assign_clusters, heaviest
+from jobs.dedupe import assign_clusters, heaviest, near_duplicate_edges
 from jobs.ingest import NORM, ROWS_DIR, normalize_queries, tag_reasons
 from jobs.readers import read_raw
+from pipelines.config import DedupeConfig
 from pipelines.stage import RunContext, StageResult
 
 STAGE = "split"
@@ -113,6 +114,27 @@ def collapse_test_rows(good: DataFrame) -> DataFrame:
     return assign_clusters(collapsed).withColumn("num_labeled", F.col("weight"))
 
 
+def near_test_clusters(rows: DataFrame, test_queries: DataFrame, cfg: DedupeConfig) -> DataFrame:
+    """``cluster_id`` of every log cluster with a near-duplicate in the external test set, found
+    the way dedupe finds them: the whole cluster would leak the test query into training."""
+    log_ids = rows.select(F.xxhash64("query").alias("id"), "query", F.lit(False).alias("test"))
+    test_ids = test_queries.select(
+        F.xxhash64("query").alias("id"), "query", F.lit(True).alias("test")
+    )
+    ids = log_ids.union(test_ids).dropDuplicates(["id"]).persist()
+    edges, _ = near_duplicate_edges(ids.select("id", "query"), cfg)
+    side = ids.select("id", "test")
+    marked = edges.join(side.toDF("a", "a_test"), "a").join(side.toDF("b", "b_test"), "b")
+    crossing = marked.where(F.col("a_test") != F.col("b_test"))
+    log_side = crossing.select(F.when(F.col("a_test"), F.col("b")).otherwise(F.col("a")).alias("h"))
+    hits = rows.select("cluster_id", F.xxhash64("query").alias("h")).join(
+        log_side, "h", "left_semi"
+    )
+    near = hits.select("cluster_id").distinct().localCheckpoint()
+    ids.unpersist()
+    return near
+
+
 def _write_splits(df: DataFrame, out: Path, names: tuple[str, ...]) -> None:
     tmp = out / "_by_split"
     df.write.mode("overwrite").partitionBy("split").parquet(str(tmp))
@@ -170,6 +192,16 @@ def run(ctx: RunContext, out: Path) -> StageResult:
             write_quarantine(leaked, out, STAGE, part="in_test_set")
             reasons["in_test_set"] = num_leaked
         rows = rows.join(test_queries, "query", "left_anti")
+        if cfg.dedupe.near_enabled:
+            near = near_test_clusters(rows, test_queries, cfg.dedupe)
+            leaked = rows.join(near, "cluster_id", "left_semi").persist()
+            num_leaked = leaked.count()
+            if num_leaked:
+                leaked = leaked.drop("split").withColumn("reason", F.lit("near_test_set"))
+                write_quarantine(leaked, out, STAGE, part="near_test_set")
+                reasons["near_test_set"] = num_leaked
+            leaked.unpersist()
+            rows = rows.join(near, "cluster_id", "left_anti")
         tagged.unpersist()
     names = tuple(n for n in SPLITS if n not in sizes)
     rows = rows.persist()

@@ -1,7 +1,7 @@
 """The pipeline graph: which stages run, in what order, and how a run is tracked.
 
-``generate → ingest → dedupe → split → shard → train → evaluate``; ``generate`` runs only when
-``data.raw_path`` is empty. Each stage runs atomically, skips when its marker exists (unless
+``generate → ingest → dedupe → split → augment → shard → train → evaluate``; ``generate`` runs
+only when ``data.raw_path`` is empty, ``augment`` only when ``augment.enabled``. Each stage runs atomically, skips when its marker exists (unless
 ``--force``), checks that its counts reconcile, and is logged as a child run of the pipeline's
 parent MLflow run (DESIGN §1, §7).
 """
@@ -21,7 +21,7 @@ from pipelines.tracking import Tracker
 
 log = logging.getLogger("zipfline")
 
-STAGES = ("generate", "ingest", "dedupe", "split", "shard", "train", "evaluate")
+STAGES = ("generate", "ingest", "dedupe", "split", "augment", "shard", "train", "evaluate")
 
 
 def _flatten(prefix: str, value: object) -> dict[str, object]:
@@ -35,7 +35,10 @@ def _flatten(prefix: str, value: object) -> dict[str, object]:
 
 def stages_for(cfg: Config, start: str | None = None, stop: str | None = None) -> list[str]:
     """The stages a run executes, between ``--from`` and ``--to`` inclusive."""
-    names = [s for s in STAGES if s != "generate" or not cfg.data.raw_path]
+    names = [
+        s for s in STAGES
+        if (s != "generate" or not cfg.data.raw_path) and (s != "augment" or cfg.augment.enabled)
+    ]  # fmt: skip
     for flag, value in (("--from", start), ("--to", stop)):
         if value is not None and value not in names:
             raise ConfigError(

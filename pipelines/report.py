@@ -26,8 +26,9 @@ def _stage_entry(run: Any) -> dict[str, Any]:
         for k, v in sorted(metrics.items())
         if k.startswith(REASON_PREFIX)
     }
-    if "clusters" in metrics:
-        entry["clusters"] = int(metrics["clusters"])
+    for key, value in sorted(metrics.items()):  # the stage's own metrics (clusters, …)
+        if key not in entry and not key.startswith(REASON_PREFIX) and key != "stage_seconds":
+            entry[key] = int(value) if float(value).is_integer() else value
     entry["seconds"] = metrics.get("stage_seconds")
     entry["skipped"] = run.data.tags.get("skipped") == "true"
     entry["status"] = run.info.status

@@ -36,6 +36,7 @@ SETTINGS_BY_STAGE: dict[str, tuple[str, ...]] = {
     "ingest": ("data", "ingest"),
     "dedupe": ("dedupe",),
     "split": ("split",),
+    "augment": ("augment",),
     "shard": ("shard", "featurizer", "train.world_size"),
     "train": ("model", "train"),
     "evaluate": ("eval",),

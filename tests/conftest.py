@@ -11,6 +11,8 @@ import pytest
 from pipelines.config import Config, load_config
 
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+WORDNET = Path(__file__).resolve().parent / "fixtures" / "wordnet"
+"""A few real WordNet synsets, so tests need no system WordNet."""
 
 
 def config_for(tmp_path: Path, *overrides: str) -> Config:
@@ -24,6 +26,7 @@ def config_for(tmp_path: Path, *overrides: str) -> Config:
             "spark.shuffle_partitions=4",
             "spark.driver_memory=2g",
             "featurizer.num_buckets=65536",
+            f"augment.wordnet_dir={WORDNET}",
             *overrides,
         ],
     )

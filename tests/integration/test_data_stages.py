@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from jobs import dedupe, ingest, split
+from jobs import augment, dedupe, ingest, split
 from pipelines.errors import ConfigError, DataError
 from pipelines.stage import RunContext, run_atomically
 from tests.conftest import config_for
@@ -128,8 +128,9 @@ def test_split_keeps_clusters_apart_and_honours_an_external_test_set(spark, tmp_
 
     external = tmp_path / "external"
     external.mkdir()
-    pd.DataFrame({"query": ["Query Number 1", "query number 1", "brand new", "", "w"],
-                  "label": ["a", "a", "b", "a", "a"], "weight": ["3", "", "1", "1", "-2"]}
+    pd.DataFrame({"query": ["Query Number 1", "query number 1", "brand new", "", "w",
+                            "query numbr 2"],
+                  "label": ["a", "a", "b", "a", "a", "b"], "weight": ["3", "", "1", "1", "-2", ""]}
                  ).to_csv(external / "test.csv", index=False)  # fmt: skip
     ctx = RunContext(config_for(tmp_path, f"data.raw_path={raw}", f"data.test_path={external}"),
                      "2026-11-02", spark=spark)  # fmt: skip
@@ -137,9 +138,54 @@ def test_split_keeps_clusters_apart_and_honours_an_external_test_set(spark, tmp_
         run_atomically(ctx, stage, job.run)
     result = run_atomically(ctx, "split", split.run)
     result.check_reconciles("split")
-    assert result.quarantined_by_reason == {"bad_weight": 1, "empty_query": 1, "in_test_set": 1}
+    assert result.quarantined_by_reason == {
+        "bad_weight": 1, "empty_query": 1, "in_test_set": 1, "near_test_set": 1
+    }  # fmt: skip
     test = pd.read_parquet(ctx.stage_dir("split") / "test").set_index("query")
     assert test.loc["query number 1", "weight"] == 4.0  # 3 + a blank weight counting 1
     assert test.loc["brand new", "bucket"] == "tail"  # never seen in the log
     train_queries = set(pd.read_parquet(ctx.stage_dir("split") / "train")["query"])
     assert "query number 1" not in train_queries
+    kept = train_queries | set(pd.read_parquet(ctx.stage_dir("split") / "validation")["query"])
+    assert "query number 2" not in kept  # a typo of it is a test query
+    near = pd.read_parquet(ctx.stage_dir("split") / "quarantine" / "near_test_set")
+    assert list(near["query"]) == ["query number 2"]
+    assert "query number 3" in kept
+
+
+def test_augment_adds_variants_of_tail_training_queries_only(spark, tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    head = ["cheap car rental"] * 30
+    tail = [f"car number {i} {w}" for i, w in enumerate(["red", "blue", "green"] * 60)]
+    pd.DataFrame({"query": head + tail, "label": ["a"] * 30 + ["b"] * 180}).to_csv(
+        raw / "log.csv", index=False
+    )
+    ctx = RunContext(config_for(tmp_path, f"data.raw_path={raw}", "augment.enabled=true", "augment.variants=3",
+                                "split.test_fraction=0.2", "split.validation_fraction=0.2"),
+                     "2026-11-01", spark=spark)  # fmt: skip
+    for stage, job in (("ingest", ingest), ("dedupe", dedupe), ("split", split)):
+        run_atomically(ctx, stage, job.run)
+    result = run_atomically(ctx, "augment", augment.run)
+    result.check_reconciles("augment")
+    parts = {n: pd.read_parquet(ctx.stage_dir("split") / n) for n in split.SPLITS}
+    out = pd.read_parquet(ctx.stage_dir("augment") / augment.TRAIN_DIR)
+    originals, variants = out[out["aug_of"].isna()], out[out["aug_of"].notna()]
+    assert sorted(originals["query"]) == sorted(parts["train"]["query"])
+    assert len(variants) == result.metrics["rows_augmented"] > 0
+    train = parts["train"]
+    tail_train = set(train.loc[train["count"] <= 2, "query"])
+    assert set(variants["aug_of"]) <= tail_train  # the head query is never augmented
+    held_out = set(parts["validation"]["query"]) | set(parts["test"]["query"])
+    assert held_out.isdisjoint(variants["query"]) and variants["query"].is_unique
+    assert not set(variants["query"]) & set(originals["query"])
+    by_origin = originals.set_index("query")
+    for row in variants.itertuples():  # lineage: the variant carries its origin's label and cluster
+        assert row.majority_label == by_origin.loc[row.aug_of, "majority_label"]
+        assert row.cluster_id == by_origin.loc[row.aug_of, "cluster_id"]
+    assert set(variants["aug_op"]) <= {"synonym", "insert", "swap", "delete", "typo"}
+    assert {"synonym", "insert"} & set(variants["aug_op"])  # "car" has WordNet synonyms
+    again = RunContext(ctx.cfg, "2026-11-01", force=True, spark=spark)
+    run_atomically(again, "augment", augment.run)
+    rerun = pd.read_parquet(again.stage_dir("augment") / augment.TRAIN_DIR)
+    assert sorted(rerun["query"]) == sorted(out["query"])  # deterministic per seed

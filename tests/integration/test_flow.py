@@ -16,6 +16,7 @@ from pipelines.cli import main
 from pipelines.config import TrackingConfig
 from pipelines.flow import STAGES
 from pipelines.report import report_data
+from tests.conftest import WORDNET
 from trainers.data import read_split
 from trainers.serving import Predictor
 
@@ -34,11 +35,12 @@ def _sets(*items):
 
 
 def test_generated_flow_end_to_end(spark, in_tmp, capsys):
-    argv = ["run", "--run-date", "2026-11-01", *_sets(*SMALL)]
+    argv = ["run", "--run-date", "2026-11-01",
+            *_sets(*SMALL, "augment.enabled=true", f"augment.wordnet_dir={WORDNET}")]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr()
     assert "MLflow run" in out.out and "make ui" in out.out
-    assert "[7/7] evaluate" in out.err  # progress lines
+    assert "[8/8] evaluate" in out.err  # progress lines
 
     tracking = TrackingConfig(uri="sqlite:///mlflow.db")
     data = report_data(tracking)
@@ -64,6 +66,11 @@ def test_generated_flow_end_to_end(spark, in_tmp, capsys):
     test = pd.read_parquet(run_dir / "split" / "test")
     assert set(train["cluster_id"]).isdisjoint(test["cluster_id"])
     assert data["stages"]["dedupe"]["rows_in"] == ingest["rows_out"]
+    augmented = pd.read_parquet(run_dir / "augment" / "train")
+    assert data["stages"]["augment"]["rows_augmented"] == augmented["aug_of"].notna().sum() > 0
+    assert data["stages"]["shard"]["rows_in"] == len(augmented) + len(
+        pd.read_parquet(run_dir / "split" / "validation")
+    )  # the shards are made from the augmented training rows
 
     for key in ("test_error", "test_error_weighted", "test_logloss", "breadth", "acc_tail",
                 "bayes_error", "steps", "step_time_s", "samples_per_s", "time_used_s"):  # fmt: skip
@@ -102,8 +109,8 @@ def test_generated_flow_end_to_end(spark, in_tmp, capsys):
     capsys.readouterr()
     assert main([*argv, "--set", "eval.breadth_recall=0.5"]) == 0
     err = capsys.readouterr().err
-    assert "[6/7] train     done earlier, skipped" in err
-    assert "[7/7] evaluate  done earlier UNDER OTHER SETTINGS" in err
+    assert "[7/8] train     done earlier, skipped" in err
+    assert "[8/8] evaluate  done earlier UNDER OTHER SETTINGS" in err
     rerun = report_data(tracking)
     assert rerun["run_id"] != data["run_id"]
     assert all(s["skipped"] for s in rerun["stages"].values())
