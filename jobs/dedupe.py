@@ -113,16 +113,26 @@ def band_keys(query: str, num_bands: int, band_rows: int, seed: int = 1) -> np.n
 
 
 def candidate_pairs(
-    ids: DataFrame, num_bands: int, band_rows: int, max_bucket: int
+    ids: DataFrame, num_bands: int, band_rows: int, max_bucket: int, max_len_diff: int
 ) -> tuple[DataFrame, DataFrame]:
     """Pairs ``(a, b)``, ``a < b``, that share an LSH bucket of at most ``max_bucket`` queries,
-    and the hot buckets that were skipped."""
+    and the hot buckets that were skipped.
+
+    A bucket is a band value *and* a length: each query joins the buckets of lengths ``len …
+    len + max_len_diff``, so two queries share one only when their lengths differ by at most
+    that (no near-duplicate differs by more). This keeps the many queries that share most of
+    their words, but not their length, out of each other's buckets."""
 
     @F.pandas_udf(T.ArrayType(T.LongType()))
     def keys(queries: pd.Series) -> pd.Series:
         return queries.map(lambda q: band_keys(q, num_bands, band_rows))
 
-    bands = ids.select("id", F.explode(keys(F.col("query"))).alias("band"))
+    length = F.length("query")
+    bands = (
+        ids.select("id", F.explode(keys(F.col("query"))).alias("minhash"), length.alias("n"))
+        .select("id", "minhash", F.explode(F.sequence("n", F.col("n") + max_len_diff)).alias("n"))
+        .select("id", F.xxhash64("minhash", "n").alias("band"))
+    )
     buckets = bands.groupBy("band").agg(F.collect_set("id").alias("ids"))
     buckets = buckets.withColumn("size", F.size("ids")).where(F.col("size") >= 2)
     hot = buckets.where(F.col("size") > max_bucket).select("band", "size")
@@ -177,9 +187,17 @@ def verified_pairs(pairs: DataFrame, ids: DataFrame, max_edits: int) -> DataFram
     def near(qa: pd.Series, qb: pd.Series) -> pd.Series:
         return pd.Series([is_near_duplicate(x, y, max_edits) for x, y in zip(qa, qb, strict=True)])
 
-    # The check is one UDF on purpose: Spark 4.3 mis-evaluated a pandas UDF OR-ed with a column
-    # condition inside a filter (both false, row kept).
+    # A native filter first drops most candidates in the JVM: a near-duplicate has the same
+    # numbers and is within 2·max_edits Levenshtein edits (a swap counts two there), or has the
+    # same words. The exact check is then one UDF on its own: Spark 4.3 mis-evaluated a pandas
+    # UDF OR-ed with a column condition inside a filter (both false, row kept).
     joined = pairs.join(left, "a").join(right, "b")
+    same_words = F.array_sort(F.split("qa", " ")) == F.array_sort(F.split("qb", " "))
+    digits = F.lit(r"\d+")
+    close = (F.regexp_extract_all("qa", digits, 0) == F.regexp_extract_all("qb", digits, 0)) & (
+        F.levenshtein("qa", "qb", 2 * max_edits) >= 0
+    )
+    joined = joined.where(same_words | close).localCheckpoint()
     return joined.withColumn("_near", near("qa", "qb")).where(F.col("_near")).select("a", "b")
 
 
@@ -213,7 +231,7 @@ def connected_components(edges: DataFrame, max_iterations: int) -> tuple[DataFra
 def near_duplicate_edges(ids: DataFrame, cfg: DedupeConfig) -> tuple[DataFrame, int]:
     """Verified near-duplicate pairs ``(a, b)`` among ``ids`` (``id``, ``query``), checkpointed,
     and the number of hot LSH buckets that were skipped."""
-    pairs, hot = candidate_pairs(ids, cfg.num_bands, cfg.band_rows, cfg.max_bucket)
+    pairs, hot = candidate_pairs(ids, cfg.num_bands, cfg.band_rows, cfg.max_bucket, cfg.max_edits)
     return verified_pairs(pairs, ids, cfg.max_edits).localCheckpoint(), hot.count()
 
 

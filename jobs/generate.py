@@ -88,7 +88,7 @@ def build_universe(cfg: GenerateConfig) -> Universe:
         if num_labels <= len(CATEGORIES)
         else [f"label_{i:03d}" for i in range(num_labels)]
     )
-    per_label = max(40, int(np.sqrt(cfg.num_queries / num_labels) * 3))
+    per_label = cfg.words_per_label or max(40, int(np.sqrt(cfg.num_queries / num_labels) * 3))
     taken: set[str] = set()
     topical = [_words(rng, per_label, taken) for _ in range(num_labels)]
     modifiers = _words(rng, 60, taken)

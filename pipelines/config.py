@@ -44,6 +44,8 @@ class GenerateConfig:
     """Events (log lines) to generate."""
     num_queries: int = 20_000
     """Distinct queries in the generator's universe."""
+    words_per_label: int = 0
+    """Topical vocabulary per label (0: about 3·√(num_queries / num_labels), at least 40)."""
     num_labels: int = 12
     """Categories (labels)."""
     zipf_exponent: float = 1.05
@@ -291,6 +293,68 @@ class EvalConfig:
         _check_fraction("eval.breadth_recall", self.breadth_recall, upper_open=False)
 
 
+Gate = Literal["ingest", "dedupe", "split", "shard"]
+Policy = Literal["fail", "warn", "quarantine"]
+
+
+@dataclass(frozen=True)
+class ExtraExpectation:
+    gate: Gate
+    """The gate that runs it: ``ingest``, ``dedupe``, ``split`` or ``shard``."""
+    name: str
+    """Its name: the quarantine ``reason`` and the key in the gate's results."""
+    type: str
+    """A Great Expectations 1.x expectation type, e.g. ``expect_column_values_to_be_between``."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """The expectation's arguments, e.g. ``{column: count, max_value: 1000000}``."""
+    frame: str = ""
+    """The gate's frame it checks (empty: the gate's main one, see the README)."""
+    policy: Policy = "fail"
+    """``fail`` (stop the run), ``warn`` (log and go on) or ``quarantine`` (move the failing
+    rows to quarantine with this name as ``reason``)."""
+
+
+@dataclass(frozen=True)
+class DqConfig:
+    enabled: bool = True
+    """Run the Great Expectations gates after ingest, dedupe, split and shard."""
+    policies: dict[str, dict[str, Policy]] = field(default_factory=dict)
+    """Policy per expectation over the defaults: ``{<gate>: {<name>: fail | warn | quarantine}}``,
+    e.g. ``--set dq.policies.dedupe.zipf_exponent=warn``."""
+    max_quarantined_share: float = 0.2
+    """ingest: the most of the input rows that may be quarantined."""
+    zipf_exponent_min: float = 0.5
+    """dedupe: bounds of the exponent fitted to the rank-frequency curve of query counts."""
+    zipf_exponent_max: float = 2.5
+    zipf_min_queries: int = 1000
+    """dedupe: the Zipf checks run only with at least this many distinct queries."""
+    top_share_min: float = 0.05
+    """dedupe: bounds of the traffic share of the top 1% of distinct queries."""
+    top_share_max: float = 0.95
+    split_tolerance: float = 0.05
+    """split: how far a split's share of clusters may be from its configured fraction (widened
+    by 3 binomial standard deviations on small data)."""
+    shard_balance: float = 0.01
+    """shard: the most a train shard's row count may differ from the mean, relative."""
+    extra: tuple[ExtraExpectation, ...] = ()
+    """More expectations, written in conf (no Python): gate, name, type, kwargs, policy."""
+    result_format: Literal["BOOLEAN_ONLY", "BASIC", "SUMMARY"] = "BOOLEAN_ONLY"
+    """How much Great Expectations keeps per expectation; failing ones get samples anyway."""
+
+    def __post_init__(self) -> None:
+        for key in ("max_quarantined_share", "top_share_min", "top_share_max", "split_tolerance",
+                    "shard_balance"):  # fmt: skip
+            _check_fraction(f"dq.{key}", getattr(self, key), upper_open=False)
+        for gate in self.policies:
+            if gate not in typing.get_args(Gate):
+                raise ConfigError(
+                    f"dq.policies.{gate}: no such gate (gates: {', '.join(typing.get_args(Gate))})"
+                )
+        names = [f"{e.gate}.{e.name}" for e in self.extra]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"dq.extra: expectation names repeat: {', '.join(sorted(names))}")
+
+
 @dataclass(frozen=True)
 class TrackingConfig:
     uri: str = "sqlite:///mlflow.db"
@@ -329,6 +393,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    dq: DqConfig = field(default_factory=DqConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)
 
@@ -503,7 +568,9 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} = {value!r}: expected a mapping")
-        return {str(k): str(v) for k, v in value.items()}
+        if args and args[1] is Any:
+            return dict(value)
+        return {str(k): _convert(args[1], v, f"{key}.{k}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from pipelines.config import Config
 from pipelines.errors import ConfigError
-from pipelines.stage import RunContext, StageResult, run_atomically
+from pipelines.stage import GATED, RunContext, StageResult, run_atomically
 from pipelines.tracking import Tracker
 
 log = logging.getLogger("zipfline")
@@ -88,6 +88,10 @@ def run_pipeline(
 ) -> RunSummary:
     """Run the stages of ``ctx``'s config for its run date; returns the summary."""
     names = stages_for(ctx.cfg, start, stop)
+    if ctx.cfg.dq.enabled and any(s in GATED for s in names):
+        from data_quality.gates import preload
+
+        preload()  # Great Expectations imports in seconds: overlap it with the first stages
     tracker = Tracker(ctx.cfg.tracking)
     t0 = time.monotonic()
     params = _flatten("", ctx.cfg.to_dict())

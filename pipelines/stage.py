@@ -31,9 +31,12 @@ log = logging.getLogger("zipfline")
 MARKER = "_SUCCESS"
 # Config sections (or single dotted keys) each stage reads, in flow order; a stage's output
 # depends on its own and on every earlier stage's.
+GATED = ("ingest", "dedupe", "split", "shard")
+"""Stages whose output passes a data quality gate before its marker is written."""
+
 SETTINGS_BY_STAGE: dict[str, tuple[str, ...]] = {
     "generate": ("generate",),
-    "ingest": ("data", "ingest"),
+    "ingest": ("data", "ingest", "dq"),
     "dedupe": ("dedupe",),
     "split": ("split",),
     "augment": ("augment",),
@@ -174,6 +177,10 @@ def run_atomically(ctx: RunContext, stage: str, fn: StageFn) -> StageResult:
     start = time.monotonic()
     try:
         result = fn(ctx, tmp)
+        if ctx.cfg.dq.enabled and stage in GATED:
+            from data_quality.gates import run_gate
+
+            run_gate(ctx.cfg, stage, tmp, ctx.spark, result)
         result.check_reconciles(stage)  # before the marker: a stage that loses rows never finishes
         result.seconds = round(time.monotonic() - start, 3)
         marker = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -50,9 +51,11 @@ def _messy_raw(root):
 def test_ingest_quarantines_each_reason_and_reconciles(spark, tmp_path):
     raw = _messy_raw(tmp_path)
     cfg = config_for(tmp_path, f"data.raw_path={raw}", "ingest.max_query_chars=30",
-                     "data.labels=[travel, books, music]")  # fmt: skip
+                     "data.labels=[travel, books, music]",
+                     "dq.policies.ingest.quarantined_share=warn")  # half of it is mess  # fmt: skip
     ctx = RunContext(cfg, "2026-11-01", spark=spark)
     result = run_atomically(ctx, "ingest", ingest.run)
+    assert result.tags["dq.warn.ingest.quarantined_share"] == "1"
     assert result.quarantined_by_reason == {
         "bad_encoding": 1, "bad_timestamp": 1, "empty_query": 2, "malformed_row": 2,
         "too_long": 1, "unknown_label": 1,
@@ -189,3 +192,38 @@ def test_augment_adds_variants_of_tail_training_queries_only(spark, tmp_path):
     run_atomically(again, "augment", augment.run)
     rerun = pd.read_parquet(again.stage_dir("augment") / augment.TRAIN_DIR)
     assert sorted(rerun["query"]) == sorted(out["query"])  # deterministic per seed
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_ingest_counts_reconcile_on_random_mess(spark, tmp_path, seed):
+    """Property: whatever mix of good and bad records, every record is out or quarantined."""
+    rng = np.random.default_rng(seed)
+    kinds = ["ok", "empty", "blank", "long", "bad_ts", "unknown", "control", "unicode"]
+    records = []
+    for i in range(int(rng.integers(50, 150))):
+        kind = kinds[int(rng.integers(len(kinds)))]
+        query = {"ok": f"query {i}", "empty": "", "blank": " \t ", "long": "x" * 80,
+                 "control": f"q\x07 {i}", "unicode": f"Ｃａｆé {i}"}.get(kind, f"query {i}")  # fmt: skip
+        ts = "not a time" if kind == "bad_ts" else "2026-11-01T00:00:00Z"
+        label = "zzz" if kind == "unknown" else ["a", "b", ""][i % 3]
+        records.append({"query": query, "label": label, "ts": ts})
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    half = len(records) // 2
+    pd.DataFrame(records[:half]).to_csv(raw / "part.csv", index=False)
+    with (raw / "part.jsonl").open("w") as fh:
+        for r in records[half:]:
+            fh.write(json.dumps(r) + "\n")
+    cfg = config_for(tmp_path, f"data.raw_path={raw}", "ingest.max_query_chars=50",
+                     "data.labels=[a, b]", "dq.policies.ingest.quarantined_share=warn")  # fmt: skip
+    ctx = RunContext(cfg, "2026-11-01", spark=spark)
+    result = run_atomically(ctx, "ingest", ingest.run)
+    result.check_reconciles("ingest")
+    assert result.rows_in == len(records)
+    out = pd.read_parquet(ctx.stage_dir("ingest") / "rows")
+    bad = pd.read_parquet(ctx.stage_dir("ingest") / "quarantine")
+    assert len(out) == result.rows_out and len(bad) == result.rows_quarantined
+    assert bad["reason"].value_counts().to_dict() == result.quarantined_by_reason
+    expected_bad = sum(r["query"].strip() == "" or len(r["query"]) > 50 or r["ts"] == "not a time"
+                       or r["label"] == "zzz" for r in records)  # fmt: skip
+    assert result.rows_quarantined == expected_bad

@@ -92,6 +92,13 @@ def test_generated_flow_end_to_end(spark, in_tmp, capsys):
     client = mlflow.tracking.MlflowClient()
     train_run = next(r for r in client.search_runs([client.get_run(data["run_id"]).info.experiment_id],
                                                    "tags.stage = 'train'"))  # fmt: skip
+    for gate in ("ingest", "dedupe", "split", "shard"):  # every gate passes on clean data
+        assert data["stages"][gate][f"dq_{gate}_success"] == 1, gate
+        assert data["stages"][gate][f"dq_{gate}_unexpected"] == 0, gate
+    ingest_run = next(r for r in client.search_runs([client.get_run(data["run_id"]).info.experiment_id],
+                                                    "tags.stage = 'ingest'"))  # fmt: skip
+    logged = {a.path for a in client.list_artifacts(ingest_run.info.run_id, "dq")}
+    assert {"dq/ingest.rows.json", "dq/ingest.rows.html", "dq/ingest.summary.json"} <= logged
     served = mlflow.pyfunc.load_model(f"runs:/{train_run.info.run_id}/model")
     shard_dir = in_tmp / "data" / "2026-11-01" / "shard"
     queries = pd.read_parquet(shard_dir / "validation-00000.parquet")["query"].tolist()

@@ -95,7 +95,7 @@ def test_variants_are_deterministic_per_seed_and_use_only_the_given_ops():
 
 def test_augment_config_is_checked(tmp_path):
     with pytest.raises(ConfigError, match="augment.ops"):
-        config_for(tmp_path, "augment.ops=[]")
+        config_for(tmp_path, "augment.enabled=true", "augment.ops=[]")
     with pytest.raises(ConfigError, match="not allowed"):
         config_for(tmp_path, "augment.ops=[shout]")
     assert config_for(tmp_path, "augment.enabled=false", "augment.ops=[]").augment.ops == ()

@@ -62,3 +62,10 @@ def test_events_follow_the_truth(universe):
     # dirty rows: blank ones and over-long ones are planted
     assert (events["query"].str.strip() == "").sum() > 0
     assert (events["query"].str.len() > 1024).sum() > 0
+
+
+def test_vocabulary_size_is_a_knob():
+    small = build_universe(GenerateConfig(num_queries=2000, words_per_label=40, seed=3))
+    large = build_universe(GenerateConfig(num_queries=2000, words_per_label=400, seed=3))
+    vocab = lambda u: len({w for t in u.texts for w in t.split()})  # noqa: E731
+    assert vocab(large) > 2 * vocab(small)
