@@ -1,9 +1,8 @@
 """The gate runner: Great Expectations on the stage's Spark frames, then each failure's policy.
 
 After a gated stage (ingest, dedupe, split, shard) has written its output into its temporary
-folder, :func:`run_gate` validates the frames of :mod:`data_quality.suites` with one Great
-Expectations checkpoint per frame (all of a frame's expectations in one suite, so GX bundles
-their metrics), in the file context kept under the data root (``<data.root>/gx``). Then, per
+folder, :func:`run_gate` validates the frames of :mod:`data_quality.suites` with Great
+Expectations suites, in the file context kept under the data root (``<data.root>/gx``). Then, per
 failing expectation: ``fail`` stops the run with one line (gate, expectation, unexpected count,
 sample values), ``warn`` logs it, ``quarantine`` moves the failing rows to
 ``<stage>/quarantine/dq_<frame>/`` with the expectation's name as ``reason`` and rewrites the
@@ -97,8 +96,8 @@ class Outcome:
 
 def _validate(gx_context: Any, name: str, df: Any, expectations: list[Any],
               result_format: str) -> Any:  # fmt: skip
-    """Run one checkpoint (a suite of ``expectations``) on ``df`` (a Spark frame, or the pandas
-    summary row of a gate's aggregates); its validation result."""
+    """Validate ``df`` (a Spark frame, or the pandas summary row of a gate's aggregates) against
+    the suite of ``expectations``; its validation result."""
     import great_expectations as gx
 
     pandas = not hasattr(df, "sparkSession")
@@ -118,18 +117,11 @@ def _validate(gx_context: Any, name: str, df: Any, expectations: list[Any],
     suite = gx_context.suites.add_or_update(
         gx.ExpectationSuite(name=name, expectations=expectations)
     )
-    definition = gx_context.validation_definitions.add_or_update(
-        gx.ValidationDefinition(name=name, data=batch, suite=suite)
+    # validated on the batch directly: no stored validation definition or checkpoint that a
+    # later version of the suites could leave stale; the results go to the stage folder
+    return batch.get_batch(batch_parameters={"dataframe": df}).validate(
+        suite, result_format={"result_format": result_format}
     )
-    checkpoint = gx_context.checkpoints.add_or_update(
-        gx.Checkpoint(
-            name=name,
-            validation_definitions=[definition],
-            result_format={"result_format": result_format},
-        )
-    )
-    run = checkpoint.run(batch_parameters={"dataframe": df})
-    return next(iter(run.run_results.values()))
 
 
 def render_docs(validation: Any, target: Path) -> None:
@@ -179,7 +171,7 @@ def run_gate(cfg: Config, gate: str, out: Path, spark: Any, result: Any) -> list
     (a StageResult) in place; raises :class:`DataError` for a ``fail``.
 
     Row-level expectations are batched: one aggregate pass per frame counts every expectation's
-    unexpected rows, and one checkpoint validates those counts together with the facts (Great
+    unexpected rows, and one suite validates those counts together with the facts (Great
     Expectations makes a Spark job per metric, so validating each on the rows costs a pass
     each). Other expectations (schema, types, anything from ``dq.extra`` that is not row-level)
     run directly on their frame."""

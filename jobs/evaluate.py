@@ -2,8 +2,10 @@
 
 Metrics of DESIGN §7/§8 (``test_error``, ``test_error_weighted``, ``test_logloss``,
 ``breadth``, ``acc_head``/``acc_torso``/``acc_tail``, ``baseline_error`` of the majority
-training label, and ``bayes_error`` when the generator's truth covers the test set) go to
-``metrics.json``; per-query predictions to ``predictions.parquet``.
+training label, and ``bayes_error`` when the generator's truth covers the test set, with
+bootstrap 95% intervals ``<error>_ci_low``/``_ci_high``) go to ``metrics.json``; the most
+confused label pairs to ``confusions.json`` (and the tag ``top_confusions``); per-query
+predictions to ``predictions.parquet``.
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ from pyspark.sql import functions as F
 from jobs.generate import TRUTH_DIR
 from pipelines.errors import DataError
 from pipelines.stage import RunContext, StageResult
-from trainers.evaluate import TestSet, evaluate, read_test_split
+from trainers.evaluate import TestSet, confusions, evaluate, read_test_split
 from trainers.serving import quiet_pyfunc
 
 STAGE = "evaluate"
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.parquet"
+CONFUSIONS_FILE = "confusions.json"
 
 
 def truth_path(ctx: RunContext) -> Path | None:
@@ -45,6 +48,19 @@ def majority_training_label(ctx: RunContext) -> str | None:
     train = ctx.spark.read.parquet(str(ctx.require("split") / "train"))
     row = train.groupBy("majority_label").count().orderBy(F.desc("count"), "majority_label").first()
     return row["majority_label"] if row else None
+
+
+def weighted_error(ctx: RunContext, model_uri: str) -> float:
+    """``test_error_weighted`` of any pyfunc model (e.g. the registry's champion) on this run's
+    test split, computed exactly as the evaluate stage computes it."""
+    test_df = read_test_split(ctx.require("split"))
+    with quiet_pyfunc():
+        model = mlflow.pyfunc.load_model(model_uri)
+    predicted = model.predict(test_df[["query"]])
+    labels = model.unwrap_python_model().predictor.labels
+    probs = np.vstack(predicted["probabilities"].to_numpy())
+    test = TestSet.from_frame(test_df, labels)
+    return evaluate(test, probs, breadth_recall=ctx.cfg.eval.breadth_recall)["test_error_weighted"]
 
 
 def run(ctx: RunContext, out: Path) -> StageResult:
@@ -72,7 +88,16 @@ def run(ctx: RunContext, out: Path) -> StageResult:
         breadth_recall=ctx.cfg.eval.breadth_recall,
         prior_label=labels.index(prior) if prior in labels else None,
         truth_labels=truth_labels,
+        bootstrap_rounds=ctx.cfg.eval.bootstrap_rounds,
+        seed=ctx.cfg.eval.seed,
     )
+    predicted_ids = np.array([labels.index(x) for x in predicted["label"]])
+    confused = confusions(test, predicted_ids, ctx.cfg.eval.top_confusions)
+    (out / CONFUSIONS_FILE).write_text(json.dumps(confused, indent=2))
+    if confused:
+        tags["top_confusions"] = "; ".join(
+            f"{c['true']}→{c['predicted']} {c['share']:.2%}" for c in confused
+        )
     if "bayes_error" in metrics:
         tags["bayes_known"] = "true"
     for bucket in ("head", "torso", "tail"):  # a metric that cannot be computed says why
@@ -94,7 +119,7 @@ def run(ctx: RunContext, out: Path) -> StageResult:
         metrics=metrics,
         params={"breadth_recall": ctx.cfg.eval.breadth_recall},
         tags=tags,
-        artifacts=[METRICS_FILE],
+        artifacts=[METRICS_FILE, CONFUSIONS_FILE],
     )
 
 

@@ -288,6 +288,12 @@ class TrainConfig:
 class EvalConfig:
     breadth_recall: float = 0.8
     """A label counts towards ``breadth`` when its recall on the test set is at least this."""
+    bootstrap_rounds: int = 500
+    """Resamples of the distinct test queries for the 95% intervals of the errors (0: none)."""
+    top_confusions: int = 5
+    """Most confused (true, predicted) label pairs reported."""
+    seed: int = 0
+    """Seed of the bootstrap."""
 
     def __post_init__(self) -> None:
         _check_fraction("eval.breadth_recall", self.breadth_recall, upper_open=False)
@@ -356,6 +362,17 @@ class DqConfig:
 
 
 @dataclass(frozen=True)
+class RegistryConfig:
+    enabled: bool = True
+    """Register every trained model after evaluation and move ``champion`` on merit."""
+    model_name: str = "zipfline"
+    """The registered model's name."""
+    margin: float = 0.001
+    """How much lower ``test_error_weighted`` must be than the champion's, on the same test
+    set, for the alias ``champion`` to move."""
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     uri: str = "sqlite:///mlflow.db"
     """MLflow tracking URI; relative sqlite paths are relative to the working folder."""
@@ -394,6 +411,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     dq: DqConfig = field(default_factory=DqConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)
 

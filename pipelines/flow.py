@@ -63,6 +63,7 @@ class RunSummary:
     results: dict[str, StageResult] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    promotion: dict[str, str] = field(default_factory=dict)
 
 
 def _progress(i: int, n: int, stage: str, text: str) -> None:
@@ -99,8 +100,9 @@ def run_pipeline(
         summary = RunSummary(run_id=run_id, run_date=ctx.run_date)
         print(f"zipfline run {ctx.run_date}: {' → '.join(names)}  (data under {ctx.run_dir})",
               file=sys.stderr, flush=True)  # fmt: skip
+        child_runs: dict[str, str] = {}
         for i, stage in enumerate(names, 1):
-            with tracker.stage(stage):
+            with tracker.stage(stage) as child_runs[stage]:
                 skipped = ctx.done(stage) and not ctx.force
                 if skipped:
                     result = ctx.read_result(stage)
@@ -116,5 +118,27 @@ def run_pipeline(
             summary.results[stage] = result
             if skipped:
                 summary.skipped.append(stage)
+        if ctx.cfg.registry.enabled and "evaluate" in names and "train" in child_runs:
+            summary.promotion = _promote(ctx, tracker, child_runs["train"], summary)
         summary.seconds = time.monotonic() - t0
     return summary
+
+
+def _promote(ctx: RunContext, tracker: Tracker, train_run: str, summary: RunSummary) -> dict:
+    """Register the trained model; ``champion`` moves to it only if it beats the champion."""
+    from jobs.evaluate import weighted_error
+    from pipelines.registry import promote
+
+    error = summary.results["evaluate"].metrics["test_error_weighted"]
+    decision = promote(
+        ctx.cfg.registry,
+        f"runs:/{train_run}/model",
+        error,
+        lambda uri: weighted_error(ctx, uri),
+        {"run_id": summary.run_id, "run_date": ctx.run_date},
+    )
+    tracker.mlflow.set_tags(decision.tags())
+    verdict = "champion" if decision.accepted else "not promoted"
+    print(f"registry: {ctx.cfg.registry.model_name} version {decision.version} {verdict}: "
+          f"{decision.reason}", file=sys.stderr, flush=True)  # fmt: skip
+    return decision.tags()

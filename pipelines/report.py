@@ -15,7 +15,10 @@ HEADLINE = (
     "acc_tail", "baseline_error", "bayes_error", "steps", "step_time_s", "samples_per_s",
     "time_used_s",
 )  # fmt: skip
-TOP_TAGS = ("run_date", "trigger", "git_sha", "stopped_by", "bayes_known")
+TOP_TAGS = (
+    "run_date", "trigger", "git_sha", "stopped_by", "bayes_known", "top_confusions",
+    "promotion", "promotion_reason", "model_version",
+)  # fmt: skip
 
 
 def _stage_entry(run: Any) -> dict[str, Any]:
@@ -112,6 +115,19 @@ def format_report(data: dict[str, Any]) -> str:
     for key in ("precision", "world_size", "model_capacity", "n_train", "stopped_by"):
         if key in data:
             lines.append(f"  {key:<22}{data[key]}")
+    if "test_error_ci_low" in data:
+        lines.append(f"  {'test_error 95% CI':<22}{data['test_error_ci_low']:.4f} … "
+                     f"{data['test_error_ci_high']:.4f}")  # fmt: skip
+    gates = [(g, s[f"dq_{g}_success"]) for g, s in data["stages"].items() if f"dq_{g}_success" in s]
+    if gates:
+        lines.append("  data quality gates    " + ", ".join(
+            f"{g} {'passed' if ok else 'FAILED ' + str(data['stages'][g][f'dq_{g}_unexpected'])}"
+            for g, ok in gates))  # fmt: skip
+    if "top_confusions" in data:
+        lines.append(f"  {'most confused':<22}{data['top_confusions']}")
+    if "promotion" in data:
+        lines.append(f"  {'registry':<22}version {data.get('model_version')} {data['promotion']}: "
+                     f"{data.get('promotion_reason', '')}")  # fmt: skip
     return "\n".join(lines)
 
 

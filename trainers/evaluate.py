@@ -58,6 +58,48 @@ def expected_errors(counts: np.ndarray, predicted: np.ndarray) -> np.ndarray:
     return 1.0 - counts[np.arange(len(predicted)), predicted] / totals
 
 
+def bootstrap_intervals(
+    values: dict[str, np.ndarray], weights: np.ndarray, rounds: int, seed: int
+) -> dict[str, float]:
+    """95% percentile intervals of per-query means (``<name>_ci_low``/``_ci_high``) by
+    resampling the distinct test queries; names ending in ``_weighted`` are traffic-weighted."""
+    n = len(weights)
+    if rounds <= 0 or n < 2:
+        return {}
+    idx = np.random.default_rng(seed).integers(0, n, size=(rounds, n))
+    out = {}
+    for name, per_query in values.items():
+        if name.endswith("_weighted"):
+            w = weights[idx]
+            means = (w * per_query[idx]).sum(axis=1) / np.maximum(w.sum(axis=1), EPS)
+        else:
+            means = per_query[idx].mean(axis=1)
+        lo, hi = np.percentile(means, [2.5, 97.5])
+        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = float(lo), float(hi)
+    return out
+
+
+def confusions(test: TestSet, predicted: np.ndarray, top: int = 5) -> list[dict[str, object]]:
+    """The label pairs the model confuses most: labeled events of ``true`` predicted as
+    ``predicted``, largest first."""
+    k = len(test.labels)
+    mass = np.zeros((k, k))
+    for j in range(k):
+        rows = predicted == j
+        if rows.any():
+            mass[:, j] += test.counts[rows].sum(axis=0)
+    np.fill_diagonal(mass, 0)
+    order = np.argsort(mass, axis=None)[::-1][:top]
+    pairs = []
+    for flat in order:
+        t, p = divmod(int(flat), k)
+        if mass[t, p] <= 0:
+            break
+        pairs.append({"true": test.labels[t], "predicted": test.labels[p], "events": float(mass[t, p]),
+                      "share": float(mass[t, p] / max(test.counts.sum(), EPS))})  # fmt: skip
+    return pairs
+
+
 def evaluate(
     test: TestSet,
     probs: np.ndarray,
@@ -65,11 +107,14 @@ def evaluate(
     breadth_recall: float,
     prior_label: int | None = None,
     truth_labels: Iterable[str | None] | None = None,
+    bootstrap_rounds: int = 0,
+    seed: int = 0,
 ) -> dict[str, float]:
     """The evaluation metrics from model probabilities over the first ``probs.shape[1]`` labels.
 
     ``prior_label``: index of the majority training label, for the ``baseline_error``.
     ``truth_labels``: the Bayes-optimal label of each test query, when known, for ``bayes_error``.
+    ``bootstrap_rounds``: resamples of the test queries for the 95% intervals (0: none).
     """
     n, k_model = probs.shape
     if n == 0:
@@ -87,6 +132,10 @@ def evaluate(
         "test_logloss": float(logloss.mean()),
         "n_test": float(n),
     }
+    metrics |= bootstrap_intervals(
+        {"test_error": err, "test_error_weighted": err, "test_logloss": logloss},
+        w, bootstrap_rounds, seed,
+    )  # fmt: skip
     mass = test.counts.sum(axis=0)
     hit = np.zeros(len(test.labels))
     np.add.at(hit, predicted, test.counts[np.arange(n), predicted])

@@ -111,6 +111,20 @@ def test_generated_flow_end_to_end(spark, in_tmp, capsys):
         from_shards = torch.softmax(predictor.model(ids, offsets), 1).numpy()
     assert np.allclose(from_text, from_shards, atol=1e-6)
 
+    # the first model becomes the champion; the same model again does not beat it by the margin
+    assert data["promotion"] == "accepted" and data["promotion_reason"] == "no champion yet"
+    champion = client.get_model_version_by_alias("zipfline", "champion")
+    assert str(champion.version) == data["model_version"] == "1"
+    assert data["test_error_ci_low"] <= data["test_error"] <= data["test_error_ci_high"]
+    assert "→" in data["top_confusions"]
+    capsys.readouterr()
+    assert main([*argv, "--set", "registry.margin=1"]) == 0  # stages skipped, model registered
+    again = report_data(tracking)
+    assert again["promotion"] == "rejected" and again["model_version"] == "2"
+    assert "does not beat the champion's" in again["promotion_reason"]
+    assert str(client.get_model_version_by_alias("zipfline", "champion").version) == "1"
+    assert client.get_model_version("zipfline", "2").tags["promotion"] == "rejected"
+
     # a rerun for the same date skips every finished stage, and is tracked as a new run; a
     # stage that finished under other settings says so
     capsys.readouterr()

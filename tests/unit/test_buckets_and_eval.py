@@ -69,3 +69,32 @@ def test_perfect_model_has_zero_error_and_full_breadth():
 def test_expected_errors():
     counts = np.array([[3.0, 1.0], [0.0, 2.0]])
     assert expected_errors(counts, np.array([0, 0])).tolist() == [0.25, 1.0]
+
+
+def test_confusions_rank_label_pairs_by_mislabeled_events():
+    from trainers.evaluate import confusions
+
+    test = _test_set()
+    predicted = np.array([0, 0, 1, 0])  # b (4×y) → x, c (1×x) → y, d (2×z) → x, a (1×y) → x
+    pairs = confusions(test, predicted, top=3)
+    assert [(p["true"], p["predicted"], p["events"]) for p in pairs] == [
+        ("y", "x", 5.0), ("z", "x", 2.0), ("x", "y", 1.0)
+    ]  # fmt: skip
+    assert pairs[0]["share"] == pytest.approx(5 / 18)  # of all 18 labeled test events
+
+
+def test_bootstrap_intervals_bracket_the_estimate_and_narrow_with_more_queries():
+    from trainers.evaluate import bootstrap_intervals
+
+    rng = np.random.default_rng(1)
+    widths = []
+    for n in (100, 1600):
+        err = (rng.random(n) < 0.2).astype(float)
+        ci = bootstrap_intervals({"test_error": err}, np.ones(n), rounds=400, seed=0)
+        assert ci["test_error_ci_low"] <= err.mean() <= ci["test_error_ci_high"]
+        widths.append(ci["test_error_ci_high"] - ci["test_error_ci_low"])
+    assert widths[1] < widths[0] / 2.5  # about 1/√16 = 1/4 as wide
+    assert bootstrap_intervals({"test_error": np.ones(1)}, np.ones(1), 100, 0) == {}
+    heavy = bootstrap_intervals({"test_error_weighted": np.array([0.0, 1.0])},
+                                np.array([1.0, 0.0]), 50, 0)  # fmt: skip
+    assert heavy["test_error_weighted_ci_high"] == 0.0  # the weightless query never counts
