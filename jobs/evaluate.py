@@ -10,6 +10,7 @@ predictions to ``predictions.parquet``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -22,9 +23,10 @@ import numpy as np
 import pandas as pd
 from pyspark.sql import functions as F
 
-from jobs.generate import TRUTH_DIR
+from jobs.generate import TRUTH_DIR, label_names
 from pipelines.errors import DataError
 from pipelines.stage import RunContext, StageResult
+from trainers.data import load_manifest
 from trainers.evaluate import TestSet, confusions, evaluate, read_test_split
 from trainers.serving import quiet_pyfunc
 
@@ -48,6 +50,60 @@ def majority_training_label(ctx: RunContext) -> str | None:
     train = ctx.spark.read.parquet(str(ctx.require("split") / "train"))
     row = train.groupBy("majority_label").count().orderBy(F.desc("count"), "majority_label").first()
     return row["majority_label"] if row else None
+
+
+def bayes_logloss(test: TestSet, truth: pd.DataFrame) -> float | None:
+    """The Bayes predictor's log-loss on the test events: the truth's label distribution of each
+    query as its prediction (None when the truth does not cover every test query)."""
+    by_query = dict(zip(truth["query"], truth["label_probs"], strict=True))
+    if not all(q in by_query for q in test.queries):
+        return None
+    names = label_names(len(next(iter(by_query.values()))))
+    probs = np.zeros((len(test.queries), len(test.labels)))
+    for j, label in enumerate(test.labels):
+        if label in names:
+            k = names.index(label)
+            probs[:, j] = [by_query[q][k] for q in test.queries]
+    totals = np.maximum(test.counts.sum(axis=1), 1e-12)
+    per_query = -(test.counts * np.log(np.clip(probs, 1e-12, 1.0))).sum(axis=1) / totals
+    return float(per_query.mean())
+
+
+def error_decomposition(
+    ctx: RunContext, test_df: pd.DataFrame, metrics: dict[str, float]
+) -> tuple[dict[str, float], dict[str, str]]:
+    """Reference runs (cached under ``<data.root>/_reference_cache``) and the decomposition."""
+    from jobs.train import SPEC_FILE
+    from trainers.decompose import FRACTIONS, cache_key, decomposition, run_references
+
+    cfg = ctx.cfg.eval
+    train_dir = ctx.require("train")
+    spec = json.loads((train_dir / SPEC_FILE).read_text())
+    manifest = load_manifest(Path(spec["shard_dir"]))
+    spec["train"] = dict(spec["train"], time_budget_s=cfg.reference_budget_s,
+                         epochs=cfg.reference_epochs, tolerance=cfg.reference_tolerance,
+                         world_size=1, mode="sync")  # fmt: skip
+    key = cache_key(manifest, spec, {"fractions": FRACTIONS, "test": _test_fingerprint(test_df)})
+    cache = Path(ctx.cfg.data.root).expanduser().resolve() / "_reference_cache" / f"{key}.json"
+    if cache.exists():
+        references = json.loads(cache.read_text())
+        print(f"[evaluate] reference runs from cache {cache.name}", file=sys.stderr, flush=True)
+    else:
+        print(f"[evaluate] {len(FRACTIONS)} reference runs on Dask "
+              f"({cfg.dask_scheduler or f'LocalCluster, {cfg.dask_workers} workers'}) …",
+              file=sys.stderr, flush=True)  # fmt: skip
+        references = run_references(
+            spec, test_df, scheduler=cfg.dask_scheduler or None, workers=cfg.dask_workers
+        )
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(references, indent=2))
+    n_train = int(manifest["splits"]["train"]["rows"])
+    return decomposition(metrics, references, n_train)
+
+
+def _test_fingerprint(test_df: pd.DataFrame) -> str:
+    text = pd.util.hash_pandas_object(test_df[["query", "weight"]], index=False).to_numpy()
+    return hashlib.sha256(text.tobytes()).hexdigest()[:16]
 
 
 def weighted_error(ctx: RunContext, model_uri: str) -> float:
@@ -98,8 +154,16 @@ def run(ctx: RunContext, out: Path) -> StageResult:
         tags["top_confusions"] = "; ".join(
             f"{c['true']}→{c['predicted']} {c['share']:.2%}" for c in confused
         )
+    if truth is not None:
+        bayes_ll = bayes_logloss(test, pd.read_parquet(truth, columns=["query", "label_probs"]))
+        if bayes_ll is not None:
+            metrics["bayes_logloss"] = bayes_ll
     if "bayes_error" in metrics:
         tags["bayes_known"] = "true"
+    if ctx.cfg.eval.decompose:
+        more, missing = error_decomposition(ctx, test_df, metrics)
+        metrics |= more
+        tags |= missing
     for bucket in ("head", "torso", "tail"):  # a metric that cannot be computed says why
         if metrics.get(f"n_test_{bucket}") == 0:
             tags[f"missing.acc_{bucket}"] = f"no {bucket} queries in the test split"

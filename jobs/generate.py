@@ -79,15 +79,18 @@ def _words(rng: np.random.Generator, count: int, taken: set[str]) -> list[str]:
     return words
 
 
+def label_names(num_labels: int) -> list[str]:
+    """The generator's labels, in the order of the truth's ``label_probs``."""
+    if num_labels <= len(CATEGORIES):
+        return list(CATEGORIES[:num_labels])
+    return [f"label_{i:03d}" for i in range(num_labels)]
+
+
 def build_universe(cfg: GenerateConfig) -> Universe:
     """Distinct queries whose words carry their label, with Zipf popularity (driver-side, small)."""
     rng = np.random.default_rng(cfg.seed)
     num_labels = cfg.num_labels
-    labels = (
-        list(CATEGORIES[:num_labels])
-        if num_labels <= len(CATEGORIES)
-        else [f"label_{i:03d}" for i in range(num_labels)]
-    )
+    labels = label_names(num_labels)
     per_label = cfg.words_per_label or max(40, int(np.sqrt(cfg.num_queries / num_labels) * 3))
     taken: set[str] = set()
     topical = [_words(rng, per_label, taken) for _ in range(num_labels)]

@@ -294,6 +294,20 @@ class EvalConfig:
     """Most confused (true, predicted) label pairs reported."""
     seed: int = 0
     """Seed of the bootstrap."""
+    decompose: bool = True
+    """Decompose the test error into approximation, estimation and optimization error with
+    reference runs (trained to convergence on n/8, n/4, n/2 and n of the training rows)."""
+    reference_budget_s: float = 300.0
+    """Time budget of one reference run; one that runs out has not converged (reported missing)."""
+    reference_epochs: int = 20
+    """Upper bound on a reference run's passes over its data."""
+    reference_tolerance: float = 0.0001
+    """A reference run stops when validation loss improves by less than this (tighter than
+    ``train.tolerance``: it stands for training to convergence)."""
+    dask_scheduler: str = ""
+    """A Dask scheduler address for the reference runs; empty: a LocalCluster on 127.0.0.1."""
+    dask_workers: int = 2
+    """Workers of that LocalCluster (one training process each)."""
 
     def __post_init__(self) -> None:
         _check_fraction("eval.breadth_recall", self.breadth_recall, upper_open=False)

@@ -60,6 +60,20 @@ class ShardData:
     def num_rows(self) -> int:
         return len(self.labels)
 
+    def sample(self, fraction: float, seed: int) -> ShardData:
+        """A seeded random ``fraction`` of the rows (at least one), for learning curves."""
+        if fraction >= 1.0 or self.num_rows == 0:
+            return self
+        k = max(1, int(round(fraction * self.num_rows)))
+        rows = np.sort(np.random.default_rng(seed).choice(self.num_rows, size=k, replace=False))
+        ids, offsets, labels, weights = self.batch(rows)
+        return ShardData(
+            ids=ids.numpy().astype(np.int32),
+            row_offsets=np.append(offsets.numpy(), len(ids)).astype(np.int64),
+            labels=labels.numpy(),
+            weights=weights.numpy(),
+        )
+
     def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, ...]:
         """``(ids, offsets, labels, weights)`` tensors for the given row indices."""
         starts = self.row_offsets[rows]

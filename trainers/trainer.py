@@ -145,6 +145,10 @@ class Trainer:
         self.fingerprint = spec_fingerprint(spec, manifest)
         self.labels: list[str] = manifest["labels"]
         self.train_data = read_split(shard_dir, "train", self.rank, self.world_size)
+        # reference runs of the error decomposition learn from a seeded share of the rows
+        self.train_data = self.train_data.sample(
+            float(spec.get("train_fraction", 1.0)), int(self.cfg["seed"]) + self.rank
+        )
         self.val_data = read_split(shard_dir, "validation", self.rank, self.world_size)
         torch.manual_seed(self.cfg["seed"])
         self.model_spec = ModelSpec(
@@ -487,6 +491,7 @@ class Trainer:
             comm_fraction = min(1.0, comm / probe_steps_seconds)
         result = {
             "stopped_by": stopped_by,
+            "train_rows": self.train_data.num_rows,
             "time_used_s": time_used,
             "steps": self.step,
             "resumed_from_step": self.resumed_from_step,

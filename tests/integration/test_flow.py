@@ -111,6 +111,16 @@ def test_generated_flow_end_to_end(spark, in_tmp, capsys):
         from_shards = torch.softmax(predictor.model(ids, offsets), 1).numpy()
     assert np.allclose(from_text, from_shards, atol=1e-6)
 
+    # the error decomposition: every term is there or missing with its reason, and they add up
+    for term in ("err_approx", "err_estim", "err_optim"):
+        assert (term in data) != (term in data["missing"]), term
+    assert "err_optim" in data  # the converged reference run always gives the optimization term
+    if "err_approx" in data:
+        total = data["err_approx"] + data["err_estim"] + data["err_optim"]
+        assert total == pytest.approx(data["test_error"] - data["bayes_error"], abs=1e-9)
+    cache = list((in_tmp / "data" / "_reference_cache").glob("*.json"))
+    assert len(cache) == 1 and len(json.loads(cache[0].read_text())) == 4
+
     # the first model becomes the champion; the same model again does not beat it by the margin
     assert data["promotion"] == "accepted" and data["promotion_reason"] == "no champion yet"
     champion = client.get_model_version_by_alias("zipfline", "champion")
@@ -124,6 +134,11 @@ def test_generated_flow_end_to_end(spark, in_tmp, capsys):
     assert "does not beat the champion's" in again["promotion_reason"]
     assert str(client.get_model_version_by_alias("zipfline", "champion").version) == "1"
     assert client.get_model_version("zipfline", "2").tags["promotion"] == "rejected"
+
+    capsys.readouterr()  # evaluating again reuses the cached reference runs
+    assert main([*argv, "--from", "evaluate", "--force", "--set", "registry.enabled=false"]) == 0
+    assert "reference runs from cache" in capsys.readouterr().err
+    assert report_data(tracking)["err_optim"] == pytest.approx(data["err_optim"])
 
     # a rerun for the same date skips every finished stage, and is tracked as a new run; a
     # stage that finished under other settings says so
@@ -176,5 +191,12 @@ def test_user_csv_folder_flow(spark, in_tmp, capsys):
     assert "generate" not in data["stages"]
     assert data["stages"]["ingest"]["rows_in"] == 2103
     assert data["stages"]["ingest"]["quarantined_by_reason"] == {"empty_query": 3}
-    assert data["bayes_known"] == "false" and "bayes_error" not in data
+    # no truth: the best reference run stands in for the Bayes risk, tagged bayes_known=false
+    assert data["bayes_known"] == "false"
+    if "err_approx" in data:
+        assert data["bayes_error"] <= data["test_error"] + data["err_optim"] + 1e-9
+        total = data["err_approx"] + data["err_estim"] + data["err_optim"]
+        assert total == pytest.approx(data["test_error"] - data["bayes_error"], abs=1e-9)
+    else:
+        assert "bayes_error" not in data and "err_approx" in data["missing"]
     assert data["test_error"] < 0.2
