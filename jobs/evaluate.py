@@ -28,12 +28,14 @@ from pipelines.errors import DataError
 from pipelines.stage import RunContext, StageResult
 from trainers.data import load_manifest
 from trainers.evaluate import TestSet, confusions, evaluate, read_test_split
+from trainers.plots import bucket_accuracy, decomposition_bar, learning_curve
 from trainers.serving import quiet_pyfunc
 
 STAGE = "evaluate"
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.parquet"
 CONFUSIONS_FILE = "confusions.json"
+PLOTS_DIR = "plots"
 
 
 def truth_path(ctx: RunContext) -> Path | None:
@@ -71,7 +73,7 @@ def bayes_logloss(test: TestSet, truth: pd.DataFrame) -> float | None:
 
 def error_decomposition(
     ctx: RunContext, test_df: pd.DataFrame, metrics: dict[str, float]
-) -> tuple[dict[str, float], dict[str, str]]:
+) -> tuple[dict[str, float], dict[str, str], list[dict]]:
     """Reference runs (cached under ``<data.root>/_reference_cache``) and the decomposition."""
     from jobs.train import SPEC_FILE
     from trainers.decompose import FRACTIONS, cache_key, decomposition, run_references
@@ -98,7 +100,7 @@ def error_decomposition(
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(references, indent=2))
     n_train = int(manifest["splits"]["train"]["rows"])
-    return decomposition(metrics, references, n_train)
+    return (*decomposition(metrics, references, n_train), references)
 
 
 def _test_fingerprint(test_df: pd.DataFrame) -> str:
@@ -160,10 +162,19 @@ def run(ctx: RunContext, out: Path) -> StageResult:
             metrics["bayes_logloss"] = bayes_ll
     if "bayes_error" in metrics:
         tags["bayes_known"] = "true"
+    references: list[dict] = []
     if ctx.cfg.eval.decompose:
-        more, missing = error_decomposition(ctx, test_df, metrics)
+        more, missing, references = error_decomposition(ctx, test_df, metrics)
         metrics |= more
         tags |= missing
+    plots = out / PLOTS_DIR
+    plots.mkdir()
+    bucket_accuracy(metrics, plots / "accuracy_by_bucket.png")
+    if references:
+        n_train = int(load_manifest(ctx.require("shard"))["splits"]["train"]["rows"])
+        learning_curve(references, n_train, metrics, plots / "learning_curve.png")
+    if "err_optim" in metrics:
+        decomposition_bar(metrics, plots / "error_decomposition.png")
     for bucket in ("head", "torso", "tail"):  # a metric that cannot be computed says why
         if metrics.get(f"n_test_{bucket}") == 0:
             tags[f"missing.acc_{bucket}"] = f"no {bucket} queries in the test split"
@@ -183,7 +194,7 @@ def run(ctx: RunContext, out: Path) -> StageResult:
         metrics=metrics,
         params={"breadth_recall": ctx.cfg.eval.breadth_recall},
         tags=tags,
-        artifacts=[METRICS_FILE, CONFUSIONS_FILE],
+        artifacts=[METRICS_FILE, CONFUSIONS_FILE, PLOTS_DIR],
     )
 
 

@@ -33,6 +33,19 @@ TRAIN_METRICS = (
 )  # fmt: skip
 
 
+def build_spec(ctx: RunContext, out: Path, checkpoints: Path | None) -> dict:
+    """What a training process needs: the shards, where to write, and the settings."""
+    cfg = ctx.cfg
+    return {
+        "shard_dir": str(ctx.require("shard")),
+        "out_dir": str(out),
+        "checkpoint_dir": str(checkpoints) if checkpoints else None,
+        "train": dataclasses.asdict(cfg.train),
+        "model": {"dim": cfg.model.dim, "hidden": list(cfg.model.hidden)},
+        "featurizer": Featurizer.from_config(cfg.featurizer).settings(),
+    }
+
+
 def run(ctx: RunContext, out: Path) -> StageResult:
     cfg = ctx.cfg
     shard_dir = ctx.require("shard")
@@ -40,14 +53,7 @@ def run(ctx: RunContext, out: Path) -> StageResult:
     # Checkpoints live outside the stage folder while training runs, so that a rerun after a
     # failure (with or without --force) resumes; a finished run moves them into its output.
     checkpoints = ctx.run_dir / CHECKPOINT_DIR
-    spec = {
-        "shard_dir": str(shard_dir),
-        "out_dir": str(out),
-        "checkpoint_dir": str(checkpoints),
-        "train": dataclasses.asdict(cfg.train),
-        "model": {"dim": cfg.model.dim, "hidden": list(cfg.model.hidden)},
-        "featurizer": Featurizer.from_config(cfg.featurizer).settings(),
-    }
+    spec = build_spec(ctx, out, checkpoints)
     (out / SPEC_FILE).write_text(json.dumps(spec, indent=2))
     _ = ctx.spark  # TorchDistributor runs inside the active Spark session
     result = launch_distributor(

@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--force", action="store_true", help="replace --out if it exists")
     gen.set_defaults(handler=cmd_generate)
 
+    swp = sub.add_parser("sweep", help="the trade-off sweep: budget × n × capacity × precision")
+    _common(swp)
+    swp.add_argument("--run-date", help="the run date whose shards to use (default: today, UTC)")
+    swp.set_defaults(handler=cmd_sweep)
+
     rep = sub.add_parser("report", help="a run's summary from MLflow")
     _common(rep)
     rep.add_argument("run_id", nargs="?", help="parent run id (default: the latest run)")
@@ -78,6 +83,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     ctx = RunContext(cfg, args.run_date, force=args.force)
     summary = run_pipeline(ctx, start=args.start, stop=args.stop)
     print(format_summary(summary, cfg))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from pipelines.stage import RunContext
+    from pipelines.sweep import format_sweep, run_sweep
+
+    ctx = RunContext(_config(args), args.run_date)
+    print(format_sweep(run_sweep(ctx)))
     return 0
 
 

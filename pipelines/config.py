@@ -376,6 +376,28 @@ class DqConfig:
 
 
 @dataclass(frozen=True)
+class SweepConfig:
+    budgets_s: tuple[float, ...] = (1.0, 3.0, 10.0)
+    """Training time budgets (seconds) of the trade-off sweep."""
+    fractions: tuple[float, ...] = (0.25, 1.0)
+    """Shares of the training rows (n)."""
+    dims: tuple[int, ...] = (16, 64)
+    """Embedding sizes (capacity)."""
+    precisions: tuple[Literal["fp64", "fp32", "bf16", "fp16"], ...] = ("fp32", "bf16")
+    """Precisions (fp16 needs a GPU)."""
+    workers: int = 2
+    """Dask LocalCluster workers (one training each at a time), unless eval.dask_scheduler."""
+
+    def __post_init__(self) -> None:
+        for name in ("budgets_s", "fractions", "dims", "precisions"):
+            if not getattr(self, name):
+                raise ConfigError(f"sweep.{name} is empty: give at least one value")
+        if any(not 0 < f <= 1 for f in self.fractions):
+            raise ConfigError(f"sweep.fractions = {list(self.fractions)}: each must be in (0, 1]")
+        _check_positive(self, "sweep", ("workers",))
+
+
+@dataclass(frozen=True)
 class RegistryConfig:
     enabled: bool = True
     """Register every trained model after evaluation and move ``champion`` on merit."""
@@ -426,6 +448,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     dq: DqConfig = field(default_factory=DqConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)
 

@@ -90,12 +90,14 @@ class Tracker:
         self.parent_id: str | None = None
 
     @contextmanager
-    def parent(self, run_date: str, trigger: str, params: dict[str, Any]) -> Iterator[str]:
+    def parent(
+        self, run_date: str, trigger: str, params: dict[str, Any], kind: str = "pipeline"
+    ) -> Iterator[str]:
         tags = {
             "run_date": run_date,
             "trigger": trigger,
             "git_sha": git_sha(),
-            PARENT_TAG: "pipeline",
+            PARENT_TAG: kind,
         }
         with self.mlflow.start_run(run_name=f"zipfline {run_date}", tags=tags) as run:
             self.parent_id = run.info.run_id

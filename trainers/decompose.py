@@ -129,9 +129,16 @@ def _without_model_code_paths() -> Iterator[None]:
 
 
 def run_references(
-    spec: dict[str, Any], test_frame: Any, *, scheduler: str | None, workers: int
+    spec: dict[str, Any] | None,
+    test_frame: Any,
+    *,
+    scheduler: str | None,
+    workers: int,
+    jobs: list[tuple[dict[str, Any], float]] | None = None,
 ) -> list[dict[str, float]]:
-    """The reference runs for every fraction, in parallel on Dask."""
+    """Single-process trainings in parallel on Dask, scored on ``test_frame``, in order: the
+    reference runs of ``spec`` for every fraction, or the given ``(spec, fraction)`` jobs."""
+    jobs = jobs if jobs is not None else [(spec, f) for f in FRACTIONS]
     from dask.distributed import Client, LocalCluster
 
     for name in ("distributed", "dask"):
@@ -146,7 +153,8 @@ def run_references(
             )  # fmt: skip
         client = Client(cluster)
     try:
-        futures = [client.submit(reference_run, spec, f, test_frame, pure=False) for f in FRACTIONS]
+        frame = client.scatter(test_frame, broadcast=True)
+        futures = [client.submit(reference_run, s, f, frame, pure=False) for s, f in jobs]
         return client.gather(futures)
     finally:
         client.close()

@@ -140,6 +140,29 @@ def test_generated_flow_end_to_end(spark, in_tmp, capsys):
     assert "reference runs from cache" in capsys.readouterr().err
     assert report_data(tracking)["err_optim"] == pytest.approx(data["err_optim"])
 
+    eval_run = next(r for r in client.search_runs([client.get_run(data["run_id"]).info.experiment_id],
+                                                  "tags.stage = 'evaluate'"))  # fmt: skip
+    plots = {a.path for a in client.list_artifacts(eval_run.info.run_id, "plots")}
+    assert "plots/accuracy_by_bucket.png" in plots and "plots/learning_curve.png" in plots
+
+    # the trade-off sweep on the same shards: a tiny grid on a real Dask LocalCluster
+    capsys.readouterr()
+    grid = ["sweep.budgets_s=[0.5, 2]", "sweep.fractions=[0.5, 1.0]", "sweep.dims=[8]",
+            "sweep.precisions=[fp32]"]  # fmt: skip
+    assert main(["sweep", "--run-date", "2026-11-01", *_sets(*SMALL, *grid)]) == 0
+    printed = capsys.readouterr().out
+    assert "best configuration per budget:" in printed and "     2 s: n=" in printed
+    sweep_run = client.search_runs([client.get_run(data["run_id"]).info.experiment_id],
+                                   "tags.`zipfline.kind` = 'sweep'")[0]  # fmt: skip
+    points = client.search_runs([sweep_run.info.experiment_id],
+                                f"tags.mlflow.parentRunId = '{sweep_run.info.run_id}'")  # fmt: skip
+    assert len(points) == 4 and all("test_error" in p.data.metrics for p in points)
+    assert {p.data.params["time_budget_s"] for p in points} == {"0.5", "2.0"}
+    assert {a.path for a in client.list_artifacts(sweep_run.info.run_id)} >= {
+        "tradeoff.png",
+        "sweep.json",
+    }
+
     # a rerun for the same date skips every finished stage, and is tracked as a new run; a
     # stage that finished under other settings says so
     capsys.readouterr()
