@@ -35,7 +35,8 @@ RISKS = ("test_error", "test_logloss")
 
 def fit_learning_curve(m: np.ndarray, risk: np.ndarray) -> tuple[float, float, float] | None:
     """``(a, b, c)`` of ``risk ≈ a + b·m^(−c)`` by least squares (``c`` on a grid, ``a`` and
-    ``b`` in closed form), or None when no decreasing curve fits (``b ≤ 0`` for every ``c``)."""
+    ``b`` in closed form, ``a`` kept within ``[0, min risk]``), or None when no decreasing curve
+    fits (``b ≤ 0`` for every ``c``)."""
     m, risk = np.asarray(m, dtype=float), np.asarray(risk, dtype=float)
     if len(m) < 3 or not np.all(np.isfinite(risk)):
         return None
@@ -44,9 +45,12 @@ def fit_learning_curve(m: np.ndarray, risk: np.ndarray) -> tuple[float, float, f
         x = m ** (-c)
         design = np.column_stack([np.ones_like(x), x])
         (a, b), *_ = np.linalg.lstsq(design, risk, rcond=None)
-        if b <= 0:
+        if b <= 0:  # the risk does not fall with more data at this exponent
             continue
-        sse = float(((design @ [a, b] - risk) ** 2).sum())
+        if not 0.0 <= a <= risk.min():  # a risk is ≥ 0 and the limit is below every point
+            a = float(np.clip(a, 0.0, risk.min()))
+            b = float(x @ (risk - a) / (x @ x))
+        sse = float(((a + b * x - risk) ** 2).sum())
         if best is None or sse < best[0]:
             best = (sse, float(a), float(b), float(c))
     return None if best is None else best[1:]
