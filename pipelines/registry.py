@@ -9,6 +9,9 @@ scored again on it, so a changed test set cannot flatter either side) by at leas
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -66,8 +69,18 @@ def promote(
     from trainers.serving import quiet_pyfunc
 
     client = mlflow.tracking.MlflowClient()
-    with quiet_pyfunc():
-        version = mlflow.register_model(model_uri, cfg.model_name).version
+    registry_log = logging.getLogger("mlflow.tracking._model_registry")
+    level = registry_log.level
+    registry_log.setLevel(logging.ERROR)  # "registering model based on models:/m-… instead"
+    try:
+        with (
+            quiet_pyfunc(),
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+        ):  # MLflow prints "Successfully registered model" and "Created version" itself
+            version = mlflow.register_model(model_uri, cfg.model_name).version
+    finally:
+        registry_log.setLevel(level)
     for key, value in (tags | {"test_error_weighted": f"{new_error:.6f}"}).items():
         client.set_model_version_tag(cfg.model_name, version, key, value)
     try:

@@ -12,8 +12,8 @@ from pipelines.tracking import COUNT_KEYS, PARENT_TAG, REASON_PREFIX, connect
 
 HEADLINE = (
     "test_error", "test_error_weighted", "test_logloss", "breadth", "acc_head", "acc_torso",
-    "acc_tail", "baseline_error", "bayes_error", "steps", "step_time_s", "samples_per_s",
-    "time_used_s",
+    "acc_tail", "baseline_error", "bayes_error", "err_approx", "err_estim", "err_optim",
+    "steps", "step_time_s", "samples_per_s", "time_used_s",
 )  # fmt: skip
 TOP_TAGS = (
     "run_date", "trigger", "git_sha", "stopped_by", "bayes_known", "top_confusions",
@@ -123,6 +123,9 @@ def format_report(data: dict[str, Any]) -> str:
         lines.append("  data quality gates    " + ", ".join(
             f"{g} {'passed' if ok else 'FAILED ' + str(data['stages'][g][f'dq_{g}_unexpected'])}"
             for g, ok in gates))  # fmt: skip
+    for key, why in data.get("missing", {}).items():
+        if key.startswith("err_"):
+            lines.append(f"  {key:<22}missing: {why}")
     if "top_confusions" in data:
         lines.append(f"  {'most confused':<22}{data['top_confusions']}")
     if "promotion" in data:

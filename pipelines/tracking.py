@@ -99,7 +99,10 @@ class Tracker:
             "git_sha": git_sha(),
             PARENT_TAG: kind,
         }
-        with self.mlflow.start_run(run_name=f"zipfline {run_date}", tags=tags) as run:
+        # system metrics (CPU, memory, disk, network; GPU where there is one) on the parent
+        with self.mlflow.start_run(
+            run_name=f"zipfline {run_date}", tags=tags, log_system_metrics=True
+        ) as run:
             self.parent_id = run.info.run_id
             self.mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
             yield run.info.run_id

@@ -121,6 +121,8 @@ def test_generated_flow_end_to_end(spark, in_tmp, capsys):
     cache = list((in_tmp / "data" / "_reference_cache").glob("*.json"))
     assert len(cache) == 1 and len(json.loads(cache[0].read_text())) == 4
 
+    _check_the_mlflow_ui(data)
+
     # the first model becomes the champion; the same model again does not beat it by the margin
     assert data["promotion"] == "accepted" and data["promotion_reason"] == "no champion yet"
     champion = client.get_model_version_by_alias("zipfline", "champion")
@@ -223,3 +225,69 @@ def test_user_csv_folder_flow(spark, in_tmp, capsys):
     else:
         assert "bayes_error" not in data and "err_approx" in data["missing"]
     assert data["test_error"] < 0.2
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _check_the_mlflow_ui(data: dict) -> None:
+    """Start the MLflow UI on 127.0.0.1 as `make ui` does and read the run through its REST API:
+    its metrics (stage counts, gates, the decomposition), tags and artifacts."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    port = _free_port()
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    server = subprocess.Popen(
+        [str(mlflow_bin), "ui", "--backend-store-uri", "sqlite:///mlflow.db", "--host",
+         "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+
+    def get(path: str, body: dict | None = None) -> dict:
+        request = urllib.request.Request(base + path)
+        if body is not None:  # runs/search is a POST
+            request = urllib.request.Request(base + path, data=json.dumps(body).encode(),
+                                             headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    try:
+        deadline = time.monotonic() + 90
+        while True:  # bounded: the server is up within the deadline or the test fails
+            try:
+                urllib.request.urlopen(base + "/health", timeout=2).read()
+                break
+            except OSError:
+                assert server.poll() is None, "mlflow ui exited"
+                assert time.monotonic() < deadline, "mlflow ui did not answer within 90 s"
+                time.sleep(1)
+        run = get(f"/api/2.0/mlflow/runs/get?run_id={data['run_id']}")["run"]
+        metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+        tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+        assert metrics["test_error"] == pytest.approx(data["test_error"])
+        assert tags["promotion"] in {"accepted", "rejected"} and tags["run_date"] == "2026-11-01"
+        assert metrics["err_optim"] == pytest.approx(data["err_optim"])
+        assert any(k.startswith("system/") for k in metrics)  # system metrics are on
+        children = get("/api/2.0/mlflow/runs/search",
+                       {"experiment_ids": [run["info"]["experiment_id"]],
+                        "filter": "tags.stage = 'ingest'"})["runs"]  # fmt: skip
+        child = next(c for c in children if any(
+            t["key"] == "mlflow.parentRunId" and t["value"] == data["run_id"]
+            for t in c["data"]["tags"]))  # fmt: skip
+        child_metrics = {m["key"]: m["value"] for m in child["data"]["metrics"]}
+        assert child_metrics["dq_ingest_success"] == 1 and child_metrics["rows_in"] > 0
+        listed = get(f"/api/2.0/mlflow/artifacts/list?run_id={child['info']['run_id']}&path=dq")
+        assert any(f["path"].endswith("ingest.rows.html") for f in listed["files"])
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
