@@ -134,7 +134,8 @@ def frames_for(gate: str, cfg: Config, out: Path, spark: SparkSession, result) -
         )
         rows = [f["rows"] for f in files]
         mean = sum(rows) / len(rows) if rows else 0.0
-        imbalance = max(abs(r - mean) for r in rows) / mean if mean else 0.0
+        # beyond the one row that an even split of an odd count must differ by
+        imbalance = max(0.0, max(abs(r - mean) for r in rows) - 1) / mean if mean else 0.0
         with_ids = lambda df: df.withColumn("ids_min", F.array_min("ids")).withColumn(  # noqa: E731
             "ids_max", F.array_max("ids")
         )

@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--force", action="store_true", help="replace --out if it exists")
     gen.set_defaults(handler=cmd_generate)
 
+    ret = sub.add_parser("retrain", help="the cron entry: run the pipeline if anything is new")
+    _common(ret)
+    ret.add_argument("--force", action="store_true", help="run even if nothing new arrived")
+    ret.set_defaults(handler=cmd_retrain)
+
     swp = sub.add_parser("sweep", help="the trade-off sweep: budget × n × capacity × precision")
     _common(swp)
     swp.add_argument("--run-date", help="the run date whose shards to use (default: today, UTC)")
@@ -84,6 +89,60 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = run_pipeline(ctx, start=args.start, stop=args.stop)
     print(format_summary(summary, cfg))
     return 0
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    """Lock, check the watermark, run the whole pipeline (``trigger=cron``) under the budget,
+    log one line to ``<data.root>/retrain.log``, move the watermark."""
+    import signal
+
+    from pipelines.errors import StageError
+    from pipelines.flow import run_pipeline
+    from pipelines.retrain import Busy, log_line, retrain_lock, something_new, write_watermark
+    from pipelines.stage import RunContext
+
+    cfg = _config(args)
+    root = Path(cfg.data.root).expanduser().resolve()
+    try:
+        with retrain_lock(root) as lock:
+            if lock.took_over:
+                print(f"zipfline retrain: took over a stale lock left by pid {lock.took_over}",
+                      file=sys.stderr)  # fmt: skip
+            new, fp, last = something_new(cfg)
+            if not new and not args.force:
+                since = f" since {last['finished_at']} (run {last['run_id']})" if last else ""
+                print(f"zipfline retrain: nothing new{since}; nothing to do")
+                log_line(root, "nothing new")
+                return 0
+
+            def over_budget(signum: int, frame: object) -> None:
+                raise StageError(
+                    f"retrain: over its budget of retrain.budget_s = {cfg.retrain.budget_s:g} s"
+                )
+
+            previous = signal.signal(signal.SIGALRM, over_budget)
+            signal.alarm(max(1, int(cfg.retrain.budget_s)))
+            try:
+                ctx = RunContext(cfg, force=True)  # new data under today's date: redo every stage
+                summary = run_pipeline(ctx, trigger="cron")
+            except Exception as exc:
+                log_line(root, f"failed: {one_line(exc)}")
+                raise
+            finally:
+                signal.alarm(0)
+                signal.signal(signal.SIGALRM, previous)
+            write_watermark(root, fp, summary.run_id)
+            ev = summary.results.get("evaluate")
+            error = f" test_error {ev.metrics['test_error']:.4f}" if ev else ""
+            verdict = (
+                f" promotion {summary.promotion.get('promotion')}" if summary.promotion else ""
+            )
+            log_line(root, f"ok run {summary.run_id}{error}{verdict}")
+            print(format_summary(summary, cfg))
+            return 0
+    except Busy as busy:
+        print(f"zipfline retrain: another retrain is running (pid {busy.args[0]}); exiting")
+        return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:

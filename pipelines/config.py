@@ -398,6 +398,16 @@ class SweepConfig:
 
 
 @dataclass(frozen=True)
+class RetrainConfig:
+    budget_s: float = 7200.0
+    """Wall-clock budget of one ``zipfline retrain`` (the cron entry); over it, the run stops
+    with exit 1 and the lock is released."""
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "retrain", ("budget_s",))
+
+
+@dataclass(frozen=True)
 class RegistryConfig:
     enabled: bool = True
     """Register every trained model after evaluation and move ``champion`` on merit."""
@@ -449,6 +459,7 @@ class Config:
     dq: DqConfig = field(default_factory=DqConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)
 
