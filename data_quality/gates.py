@@ -32,7 +32,6 @@ from data_quality.suites import GATES, Frame, checks_for, frames_for
 from pipelines.config import Config
 from pipelines.errors import ConfigError, DataError
 
-log = logging.getLogger("zipfline")
 DQ_DIR = "dq"
 FAILED_DIR = "_dq_failed"
 SAMPLES = 5

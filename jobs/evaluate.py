@@ -108,16 +108,21 @@ def _test_fingerprint(test_df: pd.DataFrame) -> str:
     return hashlib.sha256(text.tobytes()).hexdigest()[:16]
 
 
-def weighted_error(ctx: RunContext, model_uri: str) -> float:
-    """``test_error_weighted`` of any pyfunc model (e.g. the registry's champion) on this run's
-    test split, computed exactly as the evaluate stage computes it."""
-    test_df = read_test_split(ctx.require("split"))
+def predict_test(model_uri: str, test_df: pd.DataFrame) -> tuple[pd.DataFrame, list[str], TestSet]:
+    """A pyfunc model's predictions on the test split from raw text, its labels, and the test
+    set over them."""
     with quiet_pyfunc():
         model = mlflow.pyfunc.load_model(model_uri)
     predicted = model.predict(test_df[["query"]])
     labels = model.unwrap_python_model().predictor.labels
+    return predicted, labels, TestSet.from_frame(test_df, labels)
+
+
+def weighted_error(ctx: RunContext, model_uri: str) -> float:
+    """``test_error_weighted`` of any pyfunc model (e.g. the registry's champion) on this run's
+    test split, computed exactly as the evaluate stage computes it."""
+    predicted, _, test = predict_test(model_uri, read_test_split(ctx.require("split")))
     probs = np.vstack(predicted["probabilities"].to_numpy())
-    test = TestSet.from_frame(test_df, labels)
     return evaluate(test, probs, breadth_recall=ctx.cfg.eval.breadth_recall)["test_error_weighted"]
 
 
@@ -127,11 +132,7 @@ def run(ctx: RunContext, out: Path) -> StageResult:
     test_df = read_test_split(ctx.require("split"))
     if test_df.empty:
         raise DataError(f"stage {STAGE}: the test split under {ctx.stage_dir('split')} is empty")
-    with quiet_pyfunc():
-        model = mlflow.pyfunc.load_model(str(ctx.require("train") / PYFUNC_DIR))
-    predicted = model.predict(test_df[["query"]])
-    labels = model.unwrap_python_model().predictor.labels
-    test = TestSet.from_frame(test_df, labels)
+    predicted, labels, test = predict_test(str(ctx.require("train") / PYFUNC_DIR), test_df)
     prior = majority_training_label(ctx)
     truth_labels = None
     tags = {"bayes_known": "false"}
