@@ -41,6 +41,11 @@ _import_lock = threading.Lock()
 
 def preload() -> threading.Thread:
     """Import Great Expectations in the background (it takes seconds) while stages run."""
+    # Modules both threads import must be whole before the thread starts: GX imports pyspark.ml,
+    # and so do MLflow's model helpers, and a submodule half-imported by the other thread is a
+    # "cannot access submodule 'ml' of module 'pyspark'" ImportError.
+    import pyspark.ml  # noqa: F401
+
     thread = threading.Thread(target=_import_gx, daemon=True)
     thread.start()
     return thread

@@ -46,17 +46,31 @@ def heaviest(value: str, weight: str) -> Column:
     )
 
 
-def collapse_duplicates(rows: DataFrame) -> DataFrame:
-    """Group rows by normalized query into one row each, with traffic and label counts."""
+def collapse_duplicates(rows: DataFrame, imported: DataFrame | None = None) -> DataFrame:
+    """Group rows by normalized query into one row each, with traffic and label counts.
+
+    ``imported`` labels (``query``, ``label``; from ``zipfline label import``) count as labeled
+    events of queries the log holds (``num_labeled``, ``label_counts``, ``num_imported``) but
+    not as traffic (``count``): they are judgments, not searches.
+    """
+    rows = rows.select("query", "label", "ts", F.lit(0).alias("_imported"))
+    if imported is not None:
+        known = imported.join(rows.select("query"), "query", "left_semi")
+        rows = rows.unionByName(
+            known.select("query", "label", F.lit(None).cast("timestamp").alias("ts"),
+                         F.lit(1).alias("_imported"))
+        )  # fmt: skip
     per_label = rows.groupBy("query", "label").agg(
         F.count(F.lit(1)).alias("n"),
+        F.sum("_imported").alias("n_imported"),
         F.min("ts").alias("first_seen"),
         F.max("ts").alias("last_seen"),
     )
     labeled = F.col("label").isNotNull()
     return per_label.groupBy("query").agg(
-        F.sum("n").alias("count"),
+        F.sum(F.col("n") - F.col("n_imported")).alias("count"),
         F.sum(F.when(labeled, F.col("n")).otherwise(0)).alias("num_labeled"),
+        F.sum("n_imported").alias("num_imported"),
         F.map_from_entries(
             F.collect_list(F.when(labeled, F.struct(F.col("label"), F.col("n"))))
         ).alias("label_counts"),
@@ -276,10 +290,13 @@ def pair_scores(predicted: pd.Series, truth: pd.Series) -> tuple[float, float]:
 
 
 def run(ctx: RunContext, out: Path) -> StageResult:
+    from jobs.label import read_labels
+
     ingested = ctx.require("ingest")
     rows = ctx.spark.read.parquet(str(ingested / ROWS_DIR))
     rows_in = ctx.read_result("ingest").rows_out
-    deduped = assign_clusters(collapse_duplicates(rows))
+    imported = read_labels(ctx.spark, ctx.root)
+    deduped = assign_clusters(collapse_duplicates(rows, imported))
     near: dict[str, float] = {}
     if ctx.cfg.dedupe.near_enabled:
         deduped, near = cluster_near_duplicates(deduped, ctx.cfg.dedupe)
@@ -287,6 +304,10 @@ def run(ctx: RunContext, out: Path) -> StageResult:
         deduped = deduped.withColumn("representative", F.col("query"))
     deduped.write.mode("overwrite").parquet(str(out / ROWS_DIR))
     written = ctx.spark.read.parquet(str(out / ROWS_DIR))
+    if imported is not None:  # labels of queries no longer in the log stay in the store
+        merged_labels = int(written.agg(F.sum("num_imported")).first()[0] or 0)
+        near |= {"labels_imported": merged_labels,
+                 "labels_not_in_log": imported.count() - merged_labels}  # fmt: skip
     stats = written.agg(
         F.count(F.lit(1)).alias("rows"),
         F.countDistinct("cluster_id").alias("clusters"),

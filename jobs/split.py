@@ -17,14 +17,14 @@ from pathlib import Path
 if not __package__:  # started as a script by spark-submit: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pyspark.sql import DataFrame
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from data_quality.quarantine import count_by_reason, write_quarantine
 from jobs.dedupe import assign_clusters, heaviest, near_duplicate_edges
 from jobs.ingest import NORM, ROWS_DIR, normalize_queries, tag_reasons
 from jobs.readers import read_raw
-from pipelines.config import DedupeConfig
+from pipelines.config import Config, DedupeConfig
 from pipelines.stage import RunContext, StageResult
 
 STAGE = "split"
@@ -68,18 +68,27 @@ def assign_buckets(
     )
 
 
-def assign_splits(df: DataFrame, validation: float, test: float, seed: int) -> DataFrame:
-    """``split`` by a seeded hash of ``cluster_id``; rows with no labeled event go to ``pool``."""
+def home_split(validation: float, test: float, seed: int) -> Column:
+    """The split a labeled row of ``cluster_id`` belongs to, by a seeded hash of the cluster:
+    the same for every member of a cluster, and for a pool query once it gets a label."""
     u = (
         F.pmod(F.xxhash64(F.col("cluster_id"), F.lit(seed)), F.lit(_HASH_RESOLUTION))
         / _HASH_RESOLUTION
     )
+    return F.when(u < test, "test").when(u < test + validation, "validation").otherwise("train")
+
+
+def home_split_of(cfg: Config) -> Column:
+    """:func:`home_split` under ``cfg`` (no hashed test split when ``data.test_path`` is set)."""
+    s = cfg.split
+    return home_split(s.validation_fraction, 0.0 if cfg.data.test_path else s.test_fraction, s.seed)
+
+
+def assign_splits(df: DataFrame, validation: float, test: float, seed: int) -> DataFrame:
+    """``split`` by a seeded hash of ``cluster_id``; rows with no labeled event go to ``pool``."""
     return df.withColumn(
         "split",
-        F.when(F.col("num_labeled") == 0, "pool")
-        .when(u < test, "test")
-        .when(u < test + validation, "validation")
-        .otherwise("train"),
+        F.when(F.col("num_labeled") == 0, "pool").otherwise(home_split(validation, test, seed)),
     ).withColumn("weight", F.col("num_labeled").cast("double"))
 
 

@@ -32,6 +32,15 @@ def _common(parser: argparse.ArgumentParser, *, config: bool = True) -> None:
                             help="override a config key, e.g. --set train.world_size=2 (repeatable)")  # fmt: skip
 
 
+def label_import_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", metavar="PATH", help="CSV, JSONL or Parquet with query,label")
+    parser.add_argument("--by", help="who labeled them (default: the current user)")
+    parser.add_argument("--round", dest="round_", metavar="ROUND", help="the selection round "
+                        "(default: the file's round column, else the selection that picked "
+                        "each query)")  # fmt: skip
+    parser.add_argument("--format", default="auto", choices=("auto", "csv", "jsonl", "parquet"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pipelines.flow import STAGES
 
@@ -62,6 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     _common(ret)
     ret.add_argument("--force", action="store_true", help="run even if nothing new arrived")
     ret.set_defaults(handler=cmd_retrain)
+
+    lab = sub.add_parser("label", help="labels for selected queries: zipfline label import PATH")
+    lab_sub = lab.add_subparsers(dest="label_command", required=True, metavar="ACTION")
+    imp = lab_sub.add_parser(
+        "import", help="merge query,label rows (CSV/JSONL/Parquet) with lineage"
+    )
+    _common(imp)
+    label_import_arguments(imp)
+    imp.set_defaults(handler=cmd_label_import)
 
     swp = sub.add_parser("sweep", help="the trade-off sweep: budget × n × capacity × precision")
     _common(swp)
@@ -143,6 +161,12 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     except Busy as busy:
         print(f"zipfline retrain: another retrain is running (pid {busy.args[0]}); exiting")
         return 0
+
+
+def cmd_label_import(args: argparse.Namespace) -> int:
+    from jobs.label import cmd_import
+
+    return cmd_import(_config(args), args)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:

@@ -397,6 +397,60 @@ class SweepConfig:
         _check_positive(self, "sweep", ("workers",))
 
 
+SelectStrategy = Literal["margin", "entropy", "least_confidence", "random"]
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    enabled: bool = True
+    """Pick an active-learning batch from the unlabeled pool after each run (the last stage)."""
+    strategy: SelectStrategy = "margin"
+    """How informative a pool query is to the champion: ``margin`` (1 − top-1 + top-2
+    probability), ``entropy`` (normalized), ``least_confidence`` (1 − top-1), or ``random``
+    (the baseline: uniform, one per cluster, nothing skipped)."""
+    budget: int = 500
+    """Rows per selection, written to ``to_label/``."""
+    skip_confidence: float = 0.9
+    """Pool queries the champion predicts with at least this confidence are skipped (it gets
+    them right; the stage logs how often on validation as ``skip_precision``)."""
+    max_class_share: float = 0.25
+    """The most of a batch one predicted label may take (at least 1/number of labels, so a
+    few labels can still fill the budget)."""
+    bucket_weights: dict[str, float] = field(
+        default_factory=lambda: {"head": 0.6, "torso": 0.8, "tail": 1.0}
+    )
+    """A query's score is multiplied by its Zipf bucket's weight: the tail is favoured."""
+    seed: int = 0
+    """Seed of ``random`` (and of ties)."""
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "select", ("budget",))
+        _check_fraction("select.skip_confidence", self.skip_confidence, upper_open=False)
+        _check_fraction("select.max_class_share", self.max_class_share, upper_open=False)
+        if self.max_class_share <= 0:
+            raise ConfigError("select.max_class_share = 0: must be in (0, 1]")
+        unknown = set(self.bucket_weights) - {"head", "torso", "tail"}
+        if unknown:
+            raise ConfigError(
+                f"select.bucket_weights: unknown bucket(s) {', '.join(sorted(unknown))} "
+                "(buckets: head, torso, tail)"
+            )
+        if any(w < 0 for w in self.bucket_weights.values()):
+            raise ConfigError(f"select.bucket_weights = {self.bucket_weights}: must be >= 0")
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    oracle: Literal["none", "generator"] = "none"
+    """Who answers a selection: ``none`` (people, via ``to_label/`` and ``zipfline label
+    import``) or ``generator`` (the generated log's ground truth, so the loop runs unattended)."""
+    oracle_answer: Literal["sample", "majority"] = "sample"
+    """The generator oracle's answer: a label drawn from the query's true label distribution
+    (a labeler with the log's noise) or its majority label (an expert)."""
+    seed: int = 0
+    """Seed of the oracle's draws."""
+
+
 @dataclass(frozen=True)
 class RetrainConfig:
     budget_s: float = 7200.0
@@ -451,6 +505,8 @@ class Config:
     dedupe: DedupeConfig = field(default_factory=DedupeConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
     featurizer: FeaturizerConfig = field(default_factory=FeaturizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

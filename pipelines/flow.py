@@ -1,9 +1,11 @@
 """The pipeline graph: which stages run, in what order, and how a run is tracked.
 
-``generate → ingest → dedupe → split → augment → shard → train → evaluate``; ``generate`` runs
-only when ``data.raw_path`` is empty, ``augment`` only when ``augment.enabled``. Each stage runs atomically, skips when its marker exists (unless
-``--force``), checks that its counts reconcile, and is logged as a child run of the pipeline's
-parent MLflow run (DESIGN §1, §7).
+``generate → ingest → dedupe → split → augment → shard → train → evaluate → select``;
+``generate`` runs only when ``data.raw_path`` is empty, ``augment`` only when
+``augment.enabled``, ``select`` only when ``select.enabled``. The registry's verdict comes right
+after evaluate, so select asks the model that has just earned ``champion``. Each stage runs
+atomically, skips when its marker exists (unless ``--force``), checks that its counts
+reconcile, and is logged as a child run of the pipeline's parent MLflow run (DESIGN §1, §7).
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from pipelines.tracking import Tracker
 
 log = logging.getLogger("zipfline")
 
-STAGES = ("generate", "ingest", "dedupe", "split", "augment", "shard", "train", "evaluate")
+STAGES = (
+    "generate", "ingest", "dedupe", "split", "augment", "shard", "train", "evaluate", "select",
+)  # fmt: skip
 
 
 def _flatten(prefix: str, value: object) -> dict[str, object]:
@@ -38,6 +42,7 @@ def stages_for(cfg: Config, start: str | None = None, stop: str | None = None) -
     names = [
         s for s in STAGES
         if (s != "generate" or not cfg.data.raw_path) and (s != "augment" or cfg.augment.enabled)
+        and (s != "select" or cfg.select.enabled)
     ]  # fmt: skip
     for flag, value in (("--from", start), ("--to", stop)):
         if value is not None and value not in names:
@@ -108,7 +113,7 @@ def run_pipeline(
                     result = ctx.read_result(stage)
                     note = "done earlier, skipped (--force redoes it)"
                     if ctx.settings_changed(stage):
-                        note = "done earlier UNDER OTHER SETTINGS, skipped (--force redoes it)"
+                        note = "done earlier UNDER OTHER SETTINGS OR LABELS, skipped (--force redoes it)"
                     _progress(i, len(names), stage, f"{note}  {_describe(result)}")
                 else:
                     _progress(i, len(names), stage, "running …")
@@ -118,8 +123,8 @@ def run_pipeline(
             summary.results[stage] = result
             if skipped:
                 summary.skipped.append(stage)
-        if ctx.cfg.registry.enabled and "evaluate" in names and "train" in child_runs:
-            summary.promotion = _promote(ctx, tracker, child_runs["train"], summary)
+            if stage == "evaluate" and ctx.cfg.registry.enabled and "train" in child_runs:
+                summary.promotion = _promote(ctx, tracker, child_runs["train"], summary)
         summary.seconds = time.monotonic() - t0
     return summary
 

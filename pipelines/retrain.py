@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.config import Config
+from pipelines.stage import LABELS_DIR
 
 LOCK_FILE = ".retrain.lock"
 WATERMARK_FILE = "retrain.watermark.json"
 LOG_FILE = "retrain.log"
-LABELS_DIR = "labels"
 
 
 def _alive(pid: int) -> bool:
@@ -105,8 +105,16 @@ def fingerprint(cfg: Config) -> dict[str, str]:
         raw = [cfg.data.raw_path]  # a remote store: its listing is the next stage's business
     else:
         raw = [json.dumps(cfg.to_dict()["generate"], sort_keys=True)]
-    digest = lambda items: hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]  # noqa: E731
-    return {"raw": digest(raw), "labels": digest(_tree_fingerprint(root / LABELS_DIR))}
+    return {"raw": _digest(raw), "labels": labels_fingerprint(root)}
+
+
+def _digest(items: list) -> str:
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
+
+
+def labels_fingerprint(root: Path) -> str:
+    """A fingerprint of ``<root>/labels/`` (the imports, not their quarantine or log)."""
+    return _digest(_tree_fingerprint(root / LABELS_DIR))
 
 
 def read_watermark(root: Path) -> dict | None:

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("zipfline")
 MARKER = "_SUCCESS"
+LABELS_DIR = "labels"
+"""``<data.root>/labels/``: imported labels, kept across run dates (``zipfline label import``)."""
 # Config sections (or single dotted keys) each stage reads, in flow order; a stage's output
 # depends on its own and on every earlier stage's.
 GATED = ("ingest", "dedupe", "split", "shard")
@@ -43,6 +45,7 @@ SETTINGS_BY_STAGE: dict[str, tuple[str, ...]] = {
     "shard": ("shard", "featurizer", "train.world_size"),
     "train": ("model", "train"),
     "evaluate": ("eval",),
+    "select": ("select", "label"),  # last: its settings shape its own output only
 }
 
 
@@ -139,7 +142,8 @@ class RunContext:
 
     def settings_sha(self, stage: str) -> str:
         """A fingerprint of the config sections that shape ``stage``'s output, its own and its
-        upstream stages' (not where runs are tracked or how Spark is sized)."""
+        upstream stages' (not where runs are tracked or how Spark is sized), and from dedupe on
+        of the imported labels."""
         order = list(SETTINGS_BY_STAGE)
         upto = order[: order.index(stage) + 1] if stage in order else order
         keys = sorted({name for s in upto for name in SETTINGS_BY_STAGE[s]})
@@ -148,6 +152,10 @@ class RunContext:
         for key in keys:
             section, _, field_name = key.partition(".")
             settings[key] = full[section][field_name] if field_name else full[section]
+        if "dedupe" in upto:  # dedupe merges the imported labels: new labels, new output
+            from pipelines.retrain import labels_fingerprint
+
+            settings["imported labels"] = labels_fingerprint(self.root)
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
     def settings_changed(self, stage: str) -> bool:

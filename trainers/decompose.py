@@ -91,7 +91,7 @@ def reference_run(spec: dict[str, Any], fraction: float, test_frame: Any) -> dic
 
     from trainers.evaluate import TestSet, evaluate
     from trainers.launch import train_worker
-    from trainers.serving import Predictor
+    from trainers.predictor import Predictor
     from trainers.trainer import MODEL_FILE
 
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),

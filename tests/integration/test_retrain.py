@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from pipelines.cli import main
@@ -19,30 +18,26 @@ from pipelines.retrain import retrain_lock
 pytestmark = pytest.mark.integration
 
 SMALL = [
-    "featurizer.num_buckets=65536", "model.dim=16", "train.time_budget_s=20", "train.epochs=3",
+    "featurizer.num_buckets=65536", "model.dim=16", "train.time_budget_s=20", "train.epochs=20",
     "spark.master=local[2]", "spark.shuffle_partitions=4", "eval.decompose=false",
-    "eval.bootstrap_rounds=50",
+    "eval.bootstrap_rounds=50", "select.budget=300",
 ]  # fmt: skip
+GENERATE = ["generate.num_events=20000", "generate.num_queries=3000",
+            "generate.unlabeled_fraction=0.6", "generate.format=csv"]  # fmt: skip
 
 
 def _sets(items):
     return [arg for item in items for arg in ("--set", item)]
 
 
-def _write_log(raw: Path, name: str, offset: int) -> None:
-    words = {"books": ["novel", "author", "poetry"], "music": ["guitar", "album", "drums"]}
-    rows = [{"query": f"{w} {i % 40}", "label": label}
-            for i in range(offset, offset + 400) for label, ws in words.items() for w in ws]  # fmt: skip
-    pd.DataFrame(rows).to_csv(raw / name, index=False)
-
-
-def test_retrain_runs_once_per_change_one_at_a_time_even_under_env_i(in_tmp, capsys):
+def test_retrain_and_the_generator_oracle_close_the_loop_one_run_at_a_time(in_tmp, capsys):
+    """Round 1 under `env -i` (cron), then nothing new, then a held lock; the generator oracle
+    answers round 1's selection, and round 2 trains on those labels and does better."""
     raw = in_tmp / "logs"
-    raw.mkdir()
-    _write_log(raw, "day-1.csv", 0)
-    args = ["retrain", *_sets([*SMALL, f"data.raw_path={raw}",
-                               f"data.root={in_tmp / 'data'}",
-                               f"tracking.uri=sqlite:///{in_tmp / 'mlflow.db'}"])]  # fmt: skip
+    assert main(["generate", "--out", str(raw), *_sets(GENERATE)]) == 0
+    sets = _sets([*SMALL, f"data.raw_path={raw}", f"data.root={in_tmp / 'data'}",
+                  f"tracking.uri=sqlite:///{in_tmp / 'mlflow.db'}"])  # fmt: skip
+    args = ["retrain", *sets]
     env = {"PYTHONDONTWRITEBYTECODE": "1"}  # cron: no PATH, no HOME
     zipfline = str(Path(sys.executable).parent / "zipfline")
     first = subprocess.run(["env", "-i", *[f"{k}={v}" for k, v in env.items()], zipfline, *args],
@@ -53,6 +48,9 @@ def test_retrain_runs_once_per_change_one_at_a_time_even_under_env_i(in_tmp, cap
     assert data["trigger"] == "cron" and data["status"] == "FINISHED"
     log = (in_tmp / "data" / "retrain.log").read_text().splitlines()
     assert log[-1].endswith("promotion accepted") and data["run_id"] in log[-1]
+    select = data["stages"]["select"]
+    assert select["rows_out"] == select["selected"] == 300 and select["pool_candidate"] > 300
+    capsys.readouterr()
 
     assert main(args) == 0  # nothing new: no run
     assert "nothing new since" in capsys.readouterr().out
@@ -62,3 +60,17 @@ def test_retrain_runs_once_per_change_one_at_a_time_even_under_env_i(in_tmp, cap
         assert main([*args, "--force"]) == 0
     assert f"another retrain is running (pid {os.getpid()})" in capsys.readouterr().out
     assert report_data(tracking)["run_id"] == data["run_id"]
+
+    # The oracle answers the champion's selection; the labels are new, so retrain runs again.
+    oracle = ["run", "--from", "select", "--force", *sets, "--set", "label.oracle=generator"]
+    assert main(oracle) == 0
+    assert "oracle (generator, sample): imported 300 of 300 label rows" in capsys.readouterr().err
+    assert main(args) == 0
+    second = report_data(tracking)
+    assert second["run_id"] != data["run_id"]
+    assert second["stages"]["dedupe"]["labels_imported"] == 300
+    assert second["stages"]["shard"]["rows_in"] > data["stages"]["shard"]["rows_in"]
+    assert second["test_error"] < data["test_error"] - 0.01, (
+        data["test_error"],
+        second["test_error"],
+    )
