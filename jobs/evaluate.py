@@ -15,8 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-if not __package__:  # started as a script by spark-submit: make the project importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # started as a script by spark-submit: the project, not jobs/, on the path
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # (jobs/select.py would hide `select`)
 
 import mlflow.pyfunc
 import numpy as np

@@ -28,11 +28,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-if not __package__:  # started as a script by spark-submit: make the project importable, and take
-    # jobs/ off the path, where this file would hide the standard library's own `select` module
-    _here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-    sys.path.insert(0, str(_here.parent))
+if not __package__:  # started as a script by spark-submit: the project, not jobs/, on the path
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # (this file would hide `select`)
 
 import numpy as np
 import pandas as pd
@@ -134,7 +131,8 @@ def strategy_score(strategy: str, seed: int, round_: str) -> Column:
 def class_cap(share: float, budget: int, num_labels: int) -> int:
     """Rows of one predicted label a batch may hold: ``share`` of it, but never so few that
     ``num_labels`` labels cannot fill it (two labels at 25% would leave half the budget)."""
-    return max(1, int(np.ceil(max(share, 1.0 / max(num_labels, 1)) * budget - 1e-9)))
+    floor = 1.0 / num_labels if num_labels > 0 else 0.0  # 0: not known
+    return max(1, int(np.ceil(max(share, floor) * budget - 1e-9)))
 
 
 def rank_candidates(

@@ -40,7 +40,7 @@ def test_generated_flow_end_to_end(spark, in_tmp, capsys):
     assert main(argv) == 0
     out = capsys.readouterr()
     assert "MLflow run" in out.out and "make ui" in out.out
-    assert "[9/10] evaluate" in out.err and "[10/10] select" in out.err  # progress lines
+    assert "[8/9] evaluate" in out.err and "[9/9] select" in out.err  # progress lines
 
     tracking = TrackingConfig(uri="sqlite:///mlflow.db")
     data = report_data(tracking)
@@ -170,8 +170,8 @@ def test_generated_flow_end_to_end(spark, in_tmp, capsys):
     capsys.readouterr()
     assert main([*argv, "--set", "eval.breadth_recall=0.5"]) == 0
     err = capsys.readouterr().err
-    assert "[8/10] train     done earlier, skipped" in err
-    assert "[9/10] evaluate  done earlier UNDER OTHER SETTINGS" in err
+    assert "[7/9] train     done earlier, skipped" in err
+    assert "[8/9] evaluate  done earlier UNDER OTHER SETTINGS" in err
     rerun = report_data(tracking)
     assert rerun["run_id"] != data["run_id"]
     assert all(s["skipped"] for s in rerun["stages"].values())

@@ -73,7 +73,7 @@ def test_selection_picks_the_uncertain_rows_within_cluster_and_class_caps(spark,
     assert by_query["torn"]["margin"] < by_query["unsure"]["margin"] < by_query["doubt"]["margin"]
 
     cfg = SelectConfig(budget=4, skip_confidence=0.95, max_class_share=0.5)
-    ranked = rank_candidates(scored, cfg, "margin", cfg.budget, "r1")
+    ranked = rank_candidates(scored, cfg, "margin", cfg.budget, "r1", num_labels=3)
     outcome = {r["query"]: r["outcome"] for r in ranked.collect()}
     assert {q for q, o in outcome.items() if o == "selected"} == {"torn", "unsure", "bee", "bee2"}
     assert outcome["sure"] == "confident"
@@ -83,7 +83,7 @@ def test_selection_picks_the_uncertain_rows_within_cluster_and_class_caps(spark,
 
     flat = SelectConfig(budget=4, skip_confidence=0.95, max_class_share=0.5,
                         bucket_weights={"head": 1.0, "torso": 1.0, "tail": 1.0})  # fmt: skip
-    ranked = rank_candidates(scored, flat, "margin", flat.budget, "r1")
+    ranked = rank_candidates(scored, flat, "margin", flat.budget, "r1", num_labels=3)
     flat_outcome = {r["query"]: r["outcome"] for r in ranked.collect()}
     assert flat_outcome["headtorn"] == "selected" and flat_outcome["unsure"] == "class_cap"
 

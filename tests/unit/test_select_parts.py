@@ -36,7 +36,7 @@ def test_the_class_cap_leaves_room_for_every_label():
     assert class_cap(0.25, 500, 12) == 125
     assert class_cap(0.25, 40, 2) == 20  # two labels at 25% could fill only half the batch
     assert class_cap(0.1, 7, 3) == 3
-    assert class_cap(1.0, 10, 0) == 10
+    assert class_cap(1.0, 10, 0) == 10 and class_cap(0.2, 10, 0) == 2  # labels not known
 
 
 def test_the_generator_oracle_answers_from_the_truth_reproducibly(tmp_path):
