@@ -207,6 +207,13 @@ def format_summary(summary, cfg: Config) -> str:  # noqa: ANN001
             f"train: {int(tr.metrics['steps'])} steps, {tr.metrics['samples_per_s']:,.0f} samples/s, "
             f"stopped by {tr.tags.get('stopped_by')} after {tr.metrics['time_used_s']:.1f}s"
         )
+    sel = summary.results.get("select")
+    if sel and "select" not in summary.skipped:
+        where = Path(cfg.data.root).resolve() / summary.run_date / "select" / "to_label"
+        lines.append(
+            f"to label: {sel.rows_out:,} queries ({sel.tags.get('strategy_used')}) in "
+            f"{where / 'to_label.csv'}; fill in label, then: zipfline label import FILE"
+        )
     uri = cfg.tracking.uri
     lines += [
         "",

@@ -128,6 +128,11 @@ def format_report(data: dict[str, Any]) -> str:
             lines.append(f"  {key:<22}missing: {why}")
     if "top_confusions" in data:
         lines.append(f"  {'most confused':<22}{data['top_confusions']}")
+    sel = data["stages"].get("select")
+    if sel and "selected" in sel:
+        lines.append(f"  {'to label':<22}{sel['selected']} of {sel.get('pool_candidate', 0)} "
+                     f"candidates (confident {sel.get('confident', 0)}, same cluster "
+                     f"{sel.get('same_cluster', 0)}, class cap {sel.get('class_cap', 0)})")  # fmt: skip
     if "promotion" in data:
         lines.append(f"  {'registry':<22}version {data.get('model_version')} {data['promotion']}: "
                      f"{data.get('promotion_reason', '')}")  # fmt: skip

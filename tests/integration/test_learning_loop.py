@@ -191,6 +191,14 @@ def test_label_import_round_trip_with_conflicts_quarantine_and_lineage(in_tmp, c
     pool = pd.read_parquet(day / "split" / "pool")
     assert "poetry 1" not in set(pool["query"]) and "poetry 3" in set(pool["query"])
 
+    capsys.readouterr()  # no champion in this registry yet: a diverse random batch, said so
+    assert main([*run, "--from", "select", "--to", "select", "--set", "select.budget=10"]) == 0
+    assert "no champion of zipfline in the registry yet" in capsys.readouterr().err
+    batch = pd.read_csv(day / "select" / "to_label" / "to_label.csv")
+    assert len(batch) == 10 and batch["cluster_id"].is_unique
+    assert set(batch["strategy"]) == {"random"} and batch["label"].isna().all()
+    assert set(batch["query"]) <= set(pool["query"])
+
 
 def read_labels_frame(root: str) -> pd.DataFrame:
     from pyspark.sql import SparkSession
