@@ -351,6 +351,7 @@ def run(ctx: RunContext, out: Path) -> StageResult:
             scored = score_queries(candidates, name)
             tags["champion_version"] = champion.version
             metrics |= skip_precision(ctx, name)
+        scored = scored.persist()  # ranking reads it more than once: score the pool once
         train = ctx.spark.read.parquet(str(ctx.require("split") / "train"))
         num_labels = train.select("majority_label").distinct().count()
         ranked = rank_candidates(scored, cfg, strategy, cfg.budget, round_, num_labels).persist()
@@ -370,6 +371,7 @@ def run(ctx: RunContext, out: Path) -> StageResult:
         for r in ranked.groupBy("outcome").count().collect():
             funnel[r["outcome"]] = int(r["count"])
         ranked.unpersist()
+        scored.unpersist()
     finally:
         pool.unpersist()
         shutil.rmtree(tmp, ignore_errors=True)
