@@ -267,7 +267,8 @@ def _setup_logging(verbose: bool) -> None:
         stream=sys.stderr,
     )
     if not verbose:
-        for noisy in ("py4j", "mlflow", "alembic", "urllib3", "git", "distributed"):
+        for noisy in ("py4j", "mlflow", "alembic", "urllib3", "git", "distributed",
+                      "great_expectations"):  # fmt: skip
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
