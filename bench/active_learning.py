@@ -56,12 +56,9 @@ def labels_to_reach(curve: list[dict], accuracy: float) -> float | None:
 
 
 def plot(curves: dict[str, list[dict]], path: Path) -> None:
-    import matplotlib
+    from trainers.plots import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4))
     for name, curve in curves.items():
         x = [p["labels"] for p in curve]
         style = "k--" if name == "random" else "-"
@@ -74,9 +71,7 @@ def plot(curves: dict[str, list[dict]], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.suptitle("active learning vs random labeling")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path, dpi=120)
 
 
 def main() -> None:

@@ -239,11 +239,9 @@ def content_id(path: str, by: str, round_: str | None) -> str:
     if "://" in path or not local.exists():
         h.update(f"{path}\0{dt.datetime.now(dt.UTC).isoformat()}".encode())
     else:
-        files = [local] if local.is_file() else sorted(
-            p for p in local.rglob("*")
-            if p.is_file() and not any(x.startswith((".", "_")) for x in p.relative_to(local).parts)
-        )  # fmt: skip
-        for p in files:
+        from pipelines.retrain import data_files
+
+        for p in data_files(local):
             h.update(p.name.encode())
             with p.open("rb") as fh:
                 for block in iter(lambda fh=fh: fh.read(1 << 20), b""):

@@ -53,7 +53,6 @@ SCORE_FIELDS = [
     T.StructField("entropy", T.DoubleType()),
 ]
 OUTCOMES = ("selected", "over_budget", "class_cap", "same_cluster", "confident")
-_HASH_RESOLUTION = 1_000_000
 
 
 def uncertainty(probs: np.ndarray) -> dict[str, np.ndarray]:
@@ -88,9 +87,10 @@ def _predictor(name: str):  # noqa: ANN202
 
 
 def ship_model(spark: SparkSession, model_file: Path) -> str:
-    """Send a ``model.pt`` to every executor under a name unique to its content."""
+    """Send a ``model.pt`` to every executor under a name unique to its content (the copy sits
+    beside the file, so it goes when the file's folder goes)."""
     digest = hashlib.sha256(model_file.read_bytes()).hexdigest()[:12]
-    shipped = Path(tempfile.mkdtemp(prefix="zipfline-model-")) / f"model-{digest}.pt"
+    shipped = model_file.parent / f"model-{digest}.pt"
     shutil.copyfile(model_file, shipped)
     spark.sparkContext.addFile(str(shipped))
     return shipped.name
@@ -113,8 +113,9 @@ def score_queries(df: DataFrame, model_name: str) -> DataFrame:
 
 
 def _uniform(seed: int, salt: str) -> Column:
-    h = F.pmod(F.xxhash64(F.col("query"), F.lit(seed), F.lit(salt)), F.lit(_HASH_RESOLUTION))
-    return h / _HASH_RESOLUTION
+    from jobs.split import hash_uniform
+
+    return hash_uniform(F.col("query"), F.lit(seed), F.lit(salt))
 
 
 def strategy_score(strategy: str, seed: int, round_: str) -> Column:

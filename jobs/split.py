@@ -68,13 +68,16 @@ def assign_buckets(
     )
 
 
+def hash_uniform(*cols: Column) -> Column:
+    """A number in [0, 1) from a hash of ``cols``: the same draw for the same values, on any
+    partitioning and in any rerun."""
+    return F.pmod(F.xxhash64(*cols), F.lit(_HASH_RESOLUTION)) / _HASH_RESOLUTION
+
+
 def home_split(validation: float, test: float, seed: int) -> Column:
     """The split a labeled row of ``cluster_id`` belongs to, by a seeded hash of the cluster:
     the same for every member of a cluster, and for a pool query once it gets a label."""
-    u = (
-        F.pmod(F.xxhash64(F.col("cluster_id"), F.lit(seed)), F.lit(_HASH_RESOLUTION))
-        / _HASH_RESOLUTION
-    )
+    u = hash_uniform(F.col("cluster_id"), F.lit(seed))
     return F.when(u < test, "test").when(u < test + validation, "validation").otherwise("train")
 
 

@@ -80,19 +80,25 @@ def retrain_lock(root: Path) -> Iterator[Lock]:
                 path.unlink()
 
 
-def _tree_fingerprint(path: Path) -> list[tuple[str, int, int]]:
+def data_files(path: Path) -> list[Path]:
+    """The files a reader sees at ``path``: the file itself, or those below the folder, sorted,
+    leaving out hidden ``.``/``_`` paths (markers, quarantine, the generator's ``_truth``)."""
     if path.is_file():
-        st = path.stat()
-        return [(str(path), st.st_size, st.st_mtime_ns)]
+        return [path]
     if not path.is_dir():
         return []
+    return sorted(
+        p for p in path.rglob("*")
+        if p.is_file() and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts)
+    )  # fmt: skip
+
+
+def _tree_fingerprint(path: Path) -> list[tuple[str, int, int]]:
     out = []
-    for p in sorted(path.rglob("*")):
-        if p.is_file() and not any(
-            part.startswith((".", "_")) for part in p.relative_to(path).parts
-        ):
-            st = p.stat()
-            out.append((str(p.relative_to(path)), st.st_size, st.st_mtime_ns))
+    for p in data_files(path):
+        st = p.stat()
+        name = str(p) if p == path else str(p.relative_to(path))
+        out.append((name, st.st_size, st.st_mtime_ns))
     return out
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 
-def _pyplot():  # noqa: ANN202
+def pyplot():  # noqa: ANN202
     import matplotlib
 
     matplotlib.use("Agg")
@@ -17,11 +17,18 @@ def _pyplot():  # noqa: ANN202
     return plt
 
 
+def save(fig, path: Path, dpi: int = 100, **kwargs) -> None:  # noqa: ANN001, ANN003
+    """Lay out, write and close a figure (pyplot keeps every open figure alive otherwise)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi, **kwargs)
+    pyplot().close(fig)
+
+
 def learning_curve(
     references: list[dict], n_train: int, metrics: dict[str, float], path: Path
 ) -> None:
     """Reference test error against training rows, the fitted curve, the run and Bayes."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     m = np.array([r["fraction"] * n_train for r in references])
     ax.plot(m, [r["test_error"] for r in references], "o", label="reference runs (converged)")
@@ -37,14 +44,12 @@ def learning_curve(
     ax.set_ylabel("test error")
     ax.set_title("Learning curve")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def decomposition_bar(metrics: dict[str, float], path: Path) -> None:
     """The test error stacked as Bayes + approximation + estimation + optimization."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4, 4))
     parts = [("bayes_error", "Bayes"), ("err_approx", "approximation"),
              ("err_estim", "estimation"), ("err_optim", "optimization")]  # fmt: skip
@@ -60,14 +65,12 @@ def decomposition_bar(metrics: dict[str, float], path: Path) -> None:
     ax.set_ylabel("test error")
     ax.set_title(f"test_error {metrics['test_error']:.4f}")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    save(fig, path, bbox_inches="tight")
 
 
 def bucket_accuracy(metrics: dict[str, float], path: Path) -> None:
     """Accuracy per Zipf bucket, with how many test queries each has."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4, 3))
     names = [b for b in ("head", "torso", "tail") if np.isfinite(metrics.get(f"acc_{b}", np.nan))]
     ax.bar(names, [metrics[f"acc_{b}"] for b in names], color=["C0", "C1", "C2"][: len(names)])
@@ -77,9 +80,7 @@ def bucket_accuracy(metrics: dict[str, float], path: Path) -> None:
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("accuracy")
     ax.set_title("Accuracy by Zipf bucket")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def lower_envelope(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -94,7 +95,7 @@ def lower_envelope(points: list[tuple[float, float]]) -> list[tuple[float, float
 
 def tradeoff(points: list[dict], path: Path) -> None:
     """Test error against compute time for every sweep point, with the lower envelope."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for precision in sorted({p["precision"] for p in points}):
         mine = [p for p in points if p["precision"] == precision]
@@ -110,6 +111,4 @@ def tradeoff(points: list[dict], path: Path) -> None:
     ax.set_ylabel("test error")
     ax.set_title("Trade-off: test error against compute (size ∝ n)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
