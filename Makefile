@@ -43,12 +43,12 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not integration" $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check pipelines jobs trainers data_quality tests bench
-	$(BIN)/ruff format --check pipelines jobs trainers data_quality tests bench
+	$(BIN)/ruff check core querylog pipelines jobs trainers data_quality tests bench
+	$(BIN)/ruff format --check core querylog pipelines jobs trainers data_quality tests bench
 
 format: $(STAMP)
-	$(BIN)/ruff check --fix pipelines jobs trainers data_quality tests bench
-	$(BIN)/ruff format pipelines jobs trainers data_quality tests bench
+	$(BIN)/ruff check --fix core querylog pipelines jobs trainers data_quality tests bench
+	$(BIN)/ruff format core querylog pipelines jobs trainers data_quality tests bench
 
 ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri $(STORE) --host 127.0.0.1 --port $(PORT)

@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from jobs.generate import TRUTH_DIR, generate_log
-from pipelines.config import load_config
+from core.config import load_config
+from core.layout import TRUTH_DIR, RunContext
+from core.spark import get_spark
 from pipelines.flow import run_pipeline
-from pipelines.spark import get_spark
-from pipelines.stage import RunContext
+from querylog.generator import generate_log
 
 RUN_DATE = "2026-06-01"
 

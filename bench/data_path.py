@@ -24,16 +24,13 @@ from pathlib import Path
 import pandas as pd
 import psutil
 
-from jobs import augment, dedupe, generate, ingest, shard, split
-from jobs.dedupe import pair_scores
-from pipelines.config import load_config
-from pipelines.spark import get_spark
-from pipelines.stage import RunContext, run_atomically
+from core.config import load_config
+from core.layout import ROWS_DIR, TRUTH_DIR, RunContext
+from core.spark import get_spark
+from pipelines.stages import run_stage
+from querylog.neardup import pair_scores
 
-STAGES = (
-    ("generate", generate), ("ingest", ingest), ("dedupe_exact", dedupe), ("dedupe_near", dedupe),
-    ("split", split), ("augment", augment), ("shard", shard),
-)  # fmt: skip
+STAGES = ("generate", "ingest", "dedupe_exact", "dedupe_near", "split", "augment", "shard")
 
 
 @dataclass
@@ -114,7 +111,7 @@ def run_size(events: int, root: Path, master: str, memory: str) -> dict[str, obj
     shutil.rmtree(exact_ctx.run_dir, ignore_errors=True)
     out: dict[str, object] = {"events": events}
     with PeakMemory() as mem:
-        for name, job in STAGES:
+        for name in STAGES:
             if name == "dedupe_exact":
                 exact_ctx.run_dir.mkdir(parents=True, exist_ok=True)
                 (exact_ctx.run_dir / "ingest").symlink_to(ctx.stage_dir("ingest"))
@@ -122,9 +119,7 @@ def run_size(events: int, root: Path, master: str, memory: str) -> dict[str, obj
             else:
                 target = ctx
             t0 = time.perf_counter()
-            result = run_atomically(
-                target, "dedupe" if name.startswith("dedupe") else name, job.run
-            )
+            result = run_stage(target, "dedupe" if name.startswith("dedupe") else name)
             out[name] = time.perf_counter() - t0
             print(f"  {events:>11,} events  {name:<13}{out[name]:>8.1f} s  "
                   f"{events / out[name]:>11,.0f} events/s  rows out {result.rows_out:,}",
@@ -135,16 +130,14 @@ def run_size(events: int, root: Path, master: str, memory: str) -> dict[str, obj
     out["peak_tree_gb"] = mem.tree / 2**30
     rows = pd.read_parquet(ctx.stage_dir("dedupe") / "rows", columns=["query", "cluster_id"])
     truth = pd.read_parquet(
-        ctx.stage_dir("generate") / generate.TRUTH_DIR / "queries.parquet",
+        ctx.stage_dir("generate") / TRUTH_DIR / "queries.parquet",
         columns=["query", "group"],
     )
     precision, recall = pair_scores(
         rows.set_index("query")["cluster_id"], truth.set_index("query")["group"]
     )
     out["near_precision"], out["near_recall"] = precision, recall
-    out["duckdb_s"], out["duckdb_rows"] = duckdb_exact_dedupe(
-        ctx.stage_dir("ingest") / ingest.ROWS_DIR
-    )
+    out["duckdb_s"], out["duckdb_rows"] = duckdb_exact_dedupe(ctx.stage_dir("ingest") / ROWS_DIR)
     out["distinct"] = len(rows)
     shutil.rmtree(exact_ctx.run_dir, ignore_errors=True)
     return out
@@ -160,7 +153,7 @@ def main() -> None:
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     print(f"data path on {args.master}, driver memory {args.driver_memory}, {os.cpu_count()} cores")
     results = [run_size(n, args.root, args.master, args.driver_memory) for n in args.events]
-    names = [n for n, _ in STAGES]
+    names = list(STAGES)
     print(f"\n{'events':>12}" + "".join(f"{n:>14}" for n in names) + f"{'all stages':>12}")
     for r in results:
         total = sum(r[n] for n in names)

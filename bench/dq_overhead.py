@@ -17,13 +17,13 @@ import shutil
 import time
 from pathlib import Path
 
+from core.config import load_config
+from core.layout import RunContext
+from core.spark import get_spark
 from data_quality.gates import preload
-from jobs import dedupe, generate, ingest, shard, split
-from pipelines.config import load_config
-from pipelines.spark import get_spark
-from pipelines.stage import RunContext, run_atomically
+from pipelines.stages import run_stage
 
-STAGES = (("ingest", ingest), ("dedupe", dedupe), ("split", split), ("shard", shard))
+STAGES = ("ingest", "dedupe", "split", "shard")
 
 
 def main() -> None:
@@ -46,7 +46,7 @@ def main() -> None:
     loading = preload()
     spark = get_spark(load_config("local", base).spark)
     first = RunContext(load_config("local", base), "2026-03-01", spark=spark)
-    run_atomically(first, "generate", generate.run)
+    run_stage(first, "generate")
     seconds: dict[str, dict[str, float]] = {}
     # a warm-up pass first (the JVM compiles the stages' code on first use), then with the
     # gates, then without: what is left of the warm-up favours the last pass, against the gates
@@ -61,9 +61,9 @@ def main() -> None:
             loading.join()  # in a pipeline run this overlaps with generate
             print(f"Great Expectations import still to wait for: {time.perf_counter() - t0:.1f} s")
         seconds[label] = {}
-        for name, job in STAGES:
+        for name in STAGES:
             t0 = time.perf_counter()
-            result = run_atomically(ctx, name, job.run)
+            result = run_stage(ctx, name)
             seconds[label][name] = time.perf_counter() - t0
             ok = result.metrics.get(f"dq_{name}_success", "-")
             print(
@@ -72,7 +72,7 @@ def main() -> None:
     off, on = seconds["without gates"], seconds["with gates"]
     print(f"\n{args.events:,} events, local[2]")
     print(f"{'stage':<8}{'without':>10}{'with':>10}{'gate':>10}")
-    for name, _ in STAGES:
+    for name in STAGES:
         print(f"{name:<8}{off[name]:>9.1f}s{on[name]:>9.1f}s{on[name] - off[name]:>+9.1f}s")
     total_off, total_on = sum(off.values()), sum(on.values())
     print(f"{'all':<8}{total_off:>9.1f}s{total_on:>9.1f}s{total_on - total_off:>+9.1f}s"

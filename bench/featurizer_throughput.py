@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from jobs.generate import build_universe
-from pipelines.config import GenerateConfig
+from core.config import GenerateConfig
+from querylog.generator import build_universe
 from trainers.featurizer import Featurizer, normalize_query
 
 

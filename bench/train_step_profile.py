@@ -16,7 +16,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from pipelines.config import load_config
+from core.config import load_config
 from trainers.model import ModelSpec, NgramClassifier
 from trainers.trainer import build_optimizers
 

@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipelines.config import load_config
+from core.config import load_config
+from core.layout import RunContext
 from pipelines.flow import run_pipeline
-from pipelines.stage import RunContext
 from trainers.evaluate import TestSet, evaluate, read_test_split
 from trainers.featurizer import Featurizer, normalize_query
 from trainers.launch import launch_distributor

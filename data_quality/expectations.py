@@ -14,7 +14,7 @@ from typing import Any
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
-from pipelines.errors import ConfigError
+from core.errors import ConfigError
 
 
 @dataclass(frozen=True)

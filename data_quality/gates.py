@@ -26,11 +26,11 @@ from typing import Any
 import pandas as pd
 from pyspark.sql import functions as F
 
+from core.config import Config
+from core.errors import ConfigError, DataError
 from data_quality.expectations import Check, unexpected
 from data_quality.quarantine import write_quarantine
 from data_quality.suites import GATES, Frame, checks_for, frames_for
-from pipelines.config import Config
-from pipelines.errors import ConfigError, DataError
 
 DQ_DIR = "dq"
 FAILED_DIR = "_dq_failed"

@@ -19,9 +19,9 @@ import numpy as np
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from core.config import Config
+from core.errors import ConfigError
 from data_quality.expectations import Check
-from pipelines.config import Config
-from pipelines.errors import ConfigError
 
 GATES = ("ingest", "dedupe", "split", "shard")
 QUARANTINABLE = {"ingest": ("rows",), "dedupe": ("rows",), "split": ("train", "test"), "shard": ()}

@@ -27,12 +27,12 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipelines.config import AugmentConfig
-from pipelines.errors import EnvironmentProblem
-from pipelines.stage import RunContext, StageResult
+from core.config import AugmentConfig
+from core.errors import EnvironmentProblem
+from core.layout import AUGMENTED_TRAIN_DIR as TRAIN_DIR
+from core.layout import RunContext, StageResult
 
 STAGE = "augment"
-TRAIN_DIR = "train"
 WORDNET_FILES = ("data.noun", "data.verb", "data.adj", "data.adv")
 _KEYBOARD_ROWS = ("qwertyuiop", "asdfghjkl", "zxcvbnm")  # letters only: "iphone 12" → "13"
 # is another product, not a typo
@@ -262,12 +262,7 @@ def run(ctx: RunContext, out: Path) -> StageResult:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``spark-submit jobs/augment.py --env E --set k=v``."""
+if __name__ == "__main__":  # spark-submit jobs/<stage>.py: the CLI's one entry for a stage alone
     from pipelines.cli import stage_main
 
-    return stage_main(STAGE, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stage_main(STAGE))

@@ -23,9 +23,9 @@ import numpy as np
 import pandas as pd
 from pyspark.sql import functions as F
 
-from jobs.generate import TRUTH_DIR, label_names
-from pipelines.errors import DataError
-from pipelines.stage import RunContext, StageResult
+from core.errors import DataError
+from core.layout import PYFUNC_DIR, TRAIN_SPEC_FILE, RunContext, StageResult
+from querylog.generator import label_names, truth_path
 from trainers.data import load_manifest
 from trainers.evaluate import TestSet, confusions, evaluate, read_test_split
 from trainers.plots import bucket_accuracy, decomposition_bar, learning_curve
@@ -36,14 +36,6 @@ METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.parquet"
 CONFUSIONS_FILE = "confusions.json"
 PLOTS_DIR = "plots"
-
-
-def truth_path(ctx: RunContext) -> Path | None:
-    """The generator's truth for this run's data, when the data came from ``generate``."""
-    raw = ctx.cfg.data.raw_path
-    base = ctx.stage_dir("generate") if not raw else Path(raw)
-    path = base / TRUTH_DIR / "queries.parquet"
-    return path if path.exists() else None
 
 
 def majority_training_label(ctx: RunContext) -> str | None:
@@ -75,12 +67,11 @@ def error_decomposition(
     ctx: RunContext, test_df: pd.DataFrame, metrics: dict[str, float]
 ) -> tuple[dict[str, float], dict[str, str], list[dict]]:
     """Reference runs (cached under ``<data.root>/_reference_cache``) and the decomposition."""
-    from jobs.train import SPEC_FILE
     from trainers.decompose import FRACTIONS, cache_key, decomposition, run_references
 
     cfg = ctx.cfg.eval
     train_dir = ctx.require("train")
-    spec = json.loads((train_dir / SPEC_FILE).read_text())
+    spec = json.loads((train_dir / TRAIN_SPEC_FILE).read_text())
     manifest = load_manifest(Path(spec["shard_dir"]))
     spec["train"] = dict(spec["train"], time_budget_s=cfg.reference_budget_s,
                          epochs=cfg.reference_epochs, tolerance=cfg.reference_tolerance,
@@ -127,8 +118,6 @@ def weighted_error(ctx: RunContext, model_uri: str) -> float:
 
 
 def run(ctx: RunContext, out: Path) -> StageResult:
-    from jobs.train import PYFUNC_DIR
-
     test_df = read_test_split(ctx.require("split"))
     if test_df.empty:
         raise DataError(f"stage {STAGE}: the test split under {ctx.stage_dir('split')} is empty")
@@ -199,12 +188,7 @@ def run(ctx: RunContext, out: Path) -> StageResult:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``spark-submit jobs/evaluate.py --env E --set k=v``."""
+if __name__ == "__main__":  # spark-submit jobs/<stage>.py: the CLI's one entry for a stage alone
     from pipelines.cli import stage_main
 
-    return stage_main(STAGE, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stage_main(STAGE))

@@ -14,74 +14,13 @@ from pathlib import Path
 if not __package__:  # started as a script by spark-submit: the project, not jobs/, on the path
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # (jobs/select.py would hide `select`)
 
-import pandas as pd
-from pyspark.sql import Column, DataFrame
-from pyspark.sql import functions as F
-from pyspark.sql import types as T
-
+from core.errors import DataError
+from core.layout import ROWS_DIR, RunContext, StageResult
 from data_quality.quarantine import count_by_reason, write_quarantine
-from jobs.readers import CORRUPT, SOURCE, read_raw
-from pipelines.errors import DataError
-from pipelines.stage import RunContext, StageResult
-from trainers.featurizer import normalize_query
+from querylog.clean import clean_rows, normalize_queries, quarantined_rows, tag_reasons
+from querylog.readers import read_raw
 
 STAGE = "ingest"
-ROWS_DIR = "rows"
-NORM = "_query_norm"
-
-
-@F.pandas_udf(T.StringType())  # a type object: no session needed at import
-def _normalize(queries: pd.Series) -> pd.Series:
-    return queries.map(normalize_query, na_action="ignore")
-
-
-def normalize_queries(df: DataFrame) -> DataFrame:
-    """Add the normalized query (NFKC, controls, case folding, whitespace) as ``_query_norm``."""
-    return df.withColumn(NORM, _normalize(F.col("query")))
-
-
-def _blank_to_null(col: Column) -> Column:
-    trimmed = F.trim(col)
-    return F.when(trimmed == "", None).otherwise(trimmed)
-
-
-def tag_reasons(df: DataFrame, max_query_chars: int, labels: tuple[str, ...]) -> DataFrame:
-    """Add ``reason``: the first quarantine reason that applies to a row, or null."""
-    label = _blank_to_null(F.col("label")) if "label" in df.columns else F.lit(None)
-    ts = _blank_to_null(F.col("ts")) if "ts" in df.columns else F.lit(None)
-    reason = (
-        F.when(F.col(CORRUPT).isNotNull(), "malformed_row")
-        .when(F.col("query").contains("\ufffd"), "bad_encoding")
-        .when(F.col(NORM).isNull() | (F.col(NORM) == ""), "empty_query")
-        .when(F.length(F.col(NORM)) > max_query_chars, "too_long")
-    )
-    if labels:
-        reason = reason.when(label.isNotNull() & ~label.isin(list(labels)), "unknown_label")
-    reason = reason.when(ts.isNotNull() & F.try_to_timestamp(ts).isNull(), "bad_timestamp")
-    return df.withColumn("reason", reason)
-
-
-def clean_rows(tagged: DataFrame) -> DataFrame:
-    """The rows that passed: normalized ``query``, ``label`` (null when unlabeled), ``ts`` as a
-    timestamp, extra columns as they came, ``source_file``."""
-    extras = [
-        c for c in tagged.columns if c not in ("query", "label", "ts", NORM, CORRUPT, "reason")
-    ]
-    label = _blank_to_null(F.col("label")) if "label" in tagged.columns else F.lit(None)
-    ts = F.try_to_timestamp(_blank_to_null(F.col("ts"))) if "ts" in tagged.columns else F.lit(None)
-    return tagged.where(F.col("reason").isNull()).select(
-        F.col(NORM).alias("query"),
-        label.cast("string").alias("label"),
-        ts.cast("timestamp").alias("ts"),
-        *[c for c in extras if c != SOURCE],
-        SOURCE,
-    )
-
-
-def quarantined_rows(tagged: DataFrame) -> DataFrame:
-    """The rows that failed, with every input column as it came, and their ``reason``."""
-    keep = [c for c in tagged.columns if c != NORM]
-    return tagged.where(F.col("reason").isNotNull()).select(*keep)
 
 
 def ingest_path(ctx: RunContext, out: Path, path: str, fmt: str, key: str) -> StageResult:
@@ -120,12 +59,7 @@ def run(ctx: RunContext, out: Path) -> StageResult:
     return ingest_path(ctx, out, raw_location(ctx), fmt, "data.raw_path")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``spark-submit jobs/ingest.py --env E --set k=v``."""
+if __name__ == "__main__":  # spark-submit jobs/<stage>.py: the CLI's one entry for a stage alone
     from pipelines.cli import stage_main
 
-    return stage_main(STAGE, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stage_main(STAGE))

@@ -25,7 +25,6 @@ import sys
 import tempfile
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 if not __package__:  # started as a script by spark-submit: the project, not jobs/, on the path
@@ -37,12 +36,14 @@ from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipelines.config import Config, SelectConfig
-from pipelines.errors import ConfigError
-from pipelines.stage import RunContext, StageResult
+from core.config import SelectConfig
+from core.errors import ConfigError, StageError
+from core.layout import SELECTED_DIR, RunContext, StageResult
+from querylog.generator import label_names, truth_path
+from querylog.labels import import_labels, read_labels
+from querylog.splitting import hash_uniform, home_split_of
 
 STAGE = "select"
-SELECTED_DIR = "selected"
 TO_LABEL_DIR = "to_label"
 TO_LABEL_FILE = "to_label.csv"
 ORACLE = "oracle:generator"
@@ -113,8 +114,6 @@ def score_queries(df: DataFrame, model_name: str) -> DataFrame:
 
 
 def _uniform(seed: int, salt: str) -> Column:
-    from jobs.split import hash_uniform
-
     return hash_uniform(F.col("query"), F.lit(seed), F.lit(salt))
 
 
@@ -193,55 +192,11 @@ def rank_candidates(
     return df.drop("_in_batch")
 
 
-@dataclass(frozen=True)
-class Champion:
-    version: str
-    model_file: Path
-
-
-def fetch_champion(cfg: Config, dst: Path) -> Champion | None:
-    """The registry's ``champion`` of ``registry.model_name``, its ``model.pt`` under ``dst``;
-    None when there is none yet. An unreachable store is a one-line :class:`ConfigError`."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from pipelines.registry import CHAMPION
-    from pipelines.tracking import connect
-
-    connect(cfg.tracking)
-    name = cfg.registry.model_name
-    client = mlflow.tracking.MlflowClient()
-    try:
-        version = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
-            return None
-        raise ConfigError(
-            f"tracking.uri = {cfg.tracking.uri}: cannot read the registry ({exc})"
-        ) from exc
-    try:
-        local = Path(
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{name}/{version.version}", dst_path=str(dst)
-            )
-        )
-    except Exception as exc:  # artifact store errors of every backend
-        raise ConfigError(
-            f"registry: cannot download {name} version {version.version} ({exc})"
-        ) from exc
-    found = sorted(local.rglob("model.pt"))
-    if not found:
-        raise ConfigError(f"registry: {name} version {version.version} holds no model.pt")
-    return Champion(str(version.version), found[0])
-
-
 def oracle_answers(
     selected: pd.DataFrame, truth_file: Path, answer: str, seed: int, round_: str
 ) -> pd.DataFrame:
     """The generator's answers for the selected queries: a draw from each query's true label
     distribution (``sample``) or its ``majority`` label; queries it does not know stay out."""
-    from jobs.generate import label_names
-
     truth = pd.read_parquet(truth_file, columns=["query", "label_probs", "majority_label"])
     known = selected[["query"]].merge(truth, on="query", how="inner")
     if known.empty:
@@ -260,9 +215,6 @@ def oracle_answers(
 
 def ask_oracle(ctx: RunContext, selected: pd.DataFrame, round_: str) -> dict[str, float]:
     """``label.oracle=generator``: answer the batch from the truth and import the answers."""
-    from jobs.evaluate import truth_path
-    from jobs.label import import_labels
-
     truth = truth_path(ctx)
     if truth is None:
         raise ConfigError(
@@ -306,9 +258,6 @@ def skip_precision(ctx: RunContext, model_name: str) -> dict[str, float]:
 
 
 def run(ctx: RunContext, out: Path) -> StageResult:
-    from jobs.label import read_labels
-    from jobs.split import home_split_of
-
     cfg = ctx.cfg.select
     round_ = ctx.run_date
     pool = ctx.spark.read.parquet(str(ctx.require("split") / "pool"))
@@ -337,7 +286,12 @@ def run(ctx: RunContext, out: Path) -> StageResult:
     metrics: dict[str, float] = {}
     tags: dict[str, str] = {}
     try:
-        champion = fetch_champion(ctx.cfg, tmp)
+        if ctx.champion is None:
+            raise StageError(
+                "select: no registry to ask for the champion (run it through zipfline run or "
+                "spark-submit jobs/select.py, which connect the registry)"
+            )
+        champion = ctx.champion(ctx.cfg, tmp)
         strategy = cfg.strategy
         if champion is None:
             strategy = "random"
@@ -409,12 +363,7 @@ def run(ctx: RunContext, out: Path) -> StageResult:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``spark-submit jobs/select.py --env E --set k=v``."""
+if __name__ == "__main__":  # spark-submit jobs/<stage>.py: the CLI's one entry for a stage alone
     from pipelines.cli import stage_main
 
-    return stage_main(STAGE, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stage_main(STAGE))

@@ -23,8 +23,7 @@ import pyarrow.parquet as pq
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
-from jobs import augment
-from pipelines.stage import RunContext, StageResult
+from core.layout import AUGMENTED_TRAIN_DIR, RunContext, StageResult
 from trainers.data import sha256_of
 from trainers.featurizer import Featurizer
 
@@ -87,7 +86,7 @@ def run(ctx: RunContext, out: Path) -> StageResult:
     featurizer = Featurizer.from_config(cfg.featurizer)
     train_dir = split_dir / "train"
     if cfg.augment.enabled:
-        train_dir = ctx.require("augment") / augment.TRAIN_DIR
+        train_dir = ctx.require("augment") / AUGMENTED_TRAIN_DIR
     train = ctx.spark.read.parquet(str(train_dir))
     validation = ctx.spark.read.parquet(str(split_dir / "validation"))
     labels = label_vocabulary(train)
@@ -137,12 +136,7 @@ def run(ctx: RunContext, out: Path) -> StageResult:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``spark-submit jobs/shard.py --env E --set k=v``."""
+if __name__ == "__main__":  # spark-submit jobs/<stage>.py: the CLI's one entry for a stage alone
     from pipelines.cli import stage_main
 
-    return stage_main(STAGE, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stage_main(STAGE))

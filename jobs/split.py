@@ -17,19 +17,19 @@ from pathlib import Path
 if not __package__:  # started as a script by spark-submit: the project, not jobs/, on the path
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # (jobs/select.py would hide `select`)
 
-from pyspark.sql import Column, DataFrame
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from core.config import DedupeConfig
+from core.layout import ROWS_DIR, RunContext, StageResult
 from data_quality.quarantine import count_by_reason, write_quarantine
-from jobs.dedupe import assign_clusters, heaviest, near_duplicate_edges
-from jobs.ingest import NORM, ROWS_DIR, normalize_queries, tag_reasons
-from jobs.readers import read_raw
-from pipelines.config import Config, DedupeConfig
-from pipelines.stage import RunContext, StageResult
+from querylog.clean import NORM, normalize_queries, tag_reasons
+from querylog.neardup import assign_clusters, heaviest, near_duplicate_edges
+from querylog.readers import read_raw
+from querylog.splitting import home_split
 
 STAGE = "split"
 SPLITS = ("train", "validation", "test", "pool")
-_HASH_RESOLUTION = 1_000_000
 
 
 def bucket_thresholds(
@@ -66,25 +66,6 @@ def assign_buckets(
         "bucket",
         F.when(count >= head_min, "head").when(count >= torso_min, "torso").otherwise("tail"),
     )
-
-
-def hash_uniform(*cols: Column) -> Column:
-    """A number in [0, 1) from a hash of ``cols``: the same draw for the same values, on any
-    partitioning and in any rerun."""
-    return F.pmod(F.xxhash64(*cols), F.lit(_HASH_RESOLUTION)) / _HASH_RESOLUTION
-
-
-def home_split(validation: float, test: float, seed: int) -> Column:
-    """The split a labeled row of ``cluster_id`` belongs to, by a seeded hash of the cluster:
-    the same for every member of a cluster, and for a pool query once it gets a label."""
-    u = hash_uniform(F.col("cluster_id"), F.lit(seed))
-    return F.when(u < test, "test").when(u < test + validation, "validation").otherwise("train")
-
-
-def home_split_of(cfg: Config) -> Column:
-    """:func:`home_split` under ``cfg`` (no hashed test split when ``data.test_path`` is set)."""
-    s = cfg.split
-    return home_split(s.validation_fraction, 0.0 if cfg.data.test_path else s.test_fraction, s.seed)
 
 
 def assign_splits(df: DataFrame, validation: float, test: float, seed: int) -> DataFrame:
@@ -232,12 +213,7 @@ def run(ctx: RunContext, out: Path) -> StageResult:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``spark-submit jobs/split.py --env E --set k=v``."""
+if __name__ == "__main__":  # spark-submit jobs/<stage>.py: the CLI's one entry for a stage alone
     from pipelines.cli import stage_main
 
-    return stage_main(STAGE, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stage_main(STAGE))

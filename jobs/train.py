@@ -16,7 +16,8 @@ from pathlib import Path
 if not __package__:  # started as a script by spark-submit: the project, not jobs/, on the path
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # (jobs/select.py would hide `select`)
 
-from pipelines.stage import RunContext, StageResult
+from core.layout import CHECKPOINT_DIR, PYFUNC_DIR, RunContext, StageResult
+from core.layout import TRAIN_SPEC_FILE as SPEC_FILE
 from trainers.data import load_manifest
 from trainers.featurizer import Featurizer
 from trainers.launch import launch_distributor
@@ -24,9 +25,6 @@ from trainers.serving import save_pyfunc
 from trainers.trainer import MODEL_FILE, RESULT_FILE
 
 STAGE = "train"
-CHECKPOINT_DIR = ".checkpoints/train"  # under the run date, beside the stage folders
-SPEC_FILE = "train_spec.json"
-PYFUNC_DIR = "model"
 TRAIN_METRICS = (
     "time_used_s", "steps", "step_time_s", "compute_time_s", "comm_fraction", "samples_per_s",
     "train_loss", "val_loss", "val_accuracy", "epochs_run", "resumed_from_step",
@@ -94,12 +92,7 @@ def run(ctx: RunContext, out: Path) -> StageResult:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``spark-submit jobs/train.py --env E --set k=v``."""
+if __name__ == "__main__":  # spark-submit jobs/<stage>.py: the CLI's one entry for a stage alone
     from pipelines.cli import stage_main
 
-    return stage_main(STAGE, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stage_main(STAGE))

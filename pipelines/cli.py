@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
-import shutil
 import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pipelines.config import Config, load_config
-from pipelines.errors import ConfigError, ZipflineError
+from core.atomic import atomic_dir
+from core.config import Config, load_config
+from core.errors import ConfigError, ZipflineError
 
 log = logging.getLogger("zipfline")
 
@@ -32,7 +31,7 @@ def _common(parser: argparse.ArgumentParser, *, config: bool = True) -> None:
                             help="override a config key, e.g. --set train.world_size=2 (repeatable)")  # fmt: skip
 
 
-def label_import_arguments(parser: argparse.ArgumentParser) -> None:
+def _label_import_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", metavar="PATH", help="CSV, JSONL or Parquet with query,label")
     parser.add_argument("--by", help="who labeled them (default: the current user)")
     parser.add_argument("--round", dest="round_", metavar="ROUND", help="the selection round "
@@ -42,7 +41,7 @@ def label_import_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipelines.flow import STAGES
+    from pipelines.stages import NAMES as STAGES
 
     parser = argparse.ArgumentParser(
         prog="zipfline",
@@ -78,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         "import", help="merge query,label rows (CSV/JSONL/Parquet) with lineage"
     )
     _common(imp)
-    label_import_arguments(imp)
+    _label_import_arguments(imp)
     imp.set_defaults(handler=cmd_label_import)
 
     swp = sub.add_parser("sweep", help="the trade-off sweep: budget × n × capacity × precision")
@@ -99,8 +98,8 @@ def _config(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from core.layout import RunContext
     from pipelines.flow import run_pipeline
-    from pipelines.stage import RunContext
 
     cfg = _config(args)
     ctx = RunContext(cfg, args.run_date, force=args.force)
@@ -114,10 +113,10 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     log one line to ``<data.root>/retrain.log``, move the watermark."""
     import signal
 
-    from pipelines.errors import StageError
+    from core.errors import StageError
+    from core.layout import RunContext
     from pipelines.flow import run_pipeline
     from pipelines.retrain import Busy, log_line, retrain_lock, something_new, write_watermark
-    from pipelines.stage import RunContext
 
     cfg = _config(args)
     root = Path(cfg.data.root).expanduser().resolve()
@@ -164,13 +163,24 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
 
 def cmd_label_import(args: argparse.Namespace) -> int:
-    from jobs.label import cmd_import
+    from core.spark import get_spark
+    from querylog.labels import IMPORT_PREFIX, QUARANTINE, import_path, labels_root
 
-    return cmd_import(_config(args), args)
+    cfg = _config(args)
+    result = import_path(
+        get_spark(cfg.spark), cfg, args.path, fmt=args.format, by=args.by, round_=args.round_
+    )
+    print(f"zipfline label import: {result.describe()}")
+    if result.quarantined:
+        where = labels_root(cfg) / QUARANTINE / f"{IMPORT_PREFIX}{result.import_id}"
+        print(f"quarantined rows (with their reason): {where}")
+    if not result.already and result.imported == 0:
+        return 1  # every row was bad: a data failure
+    return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from pipelines.stage import RunContext
+    from core.layout import RunContext
     from pipelines.sweep import format_sweep, run_sweep
 
     ctx = RunContext(_config(args), args.run_date)
@@ -227,8 +237,8 @@ def format_summary(summary, cfg: Config) -> str:  # noqa: ANN001
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from jobs.generate import generate_log
-    from pipelines.spark import get_spark
+    from core.spark import get_spark
+    from querylog.generator import generate_log
 
     extra = [f"generate.num_events={args.events}"] if args.events is not None else []
     extra += [f"generate.seed={args.seed}"] if args.seed is not None else []
@@ -237,16 +247,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser().resolve()
     if out.exists() and any(out.iterdir()) and not args.force:
         raise ConfigError(f"--out {out}: exists and is not empty (use --force to replace it)")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out) as tmp:
         result = generate_log(get_spark(cfg.spark), cfg.generate, tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     g = cfg.generate
     print(f"wrote {result.rows_out:,} events ({g.num_queries:,} distinct queries, {g.num_labels} labels, "
           f"{g.format}) to {out}; truth in {out / '_truth'}")  # fmt: skip
@@ -326,8 +328,8 @@ def stage_main(stage: str, argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.verbose)
 
     def go() -> int:
+        from core.layout import RunContext
         from pipelines.flow import run_pipeline
-        from pipelines.stage import RunContext
 
         cfg = _config(args)
         summary = run_pipeline(

@@ -1,74 +1,24 @@
-"""The pipeline graph: which stages run, in what order, and how a run is tracked.
+"""The pipeline run: the stages of :data:`pipelines.stages.STAGES` in order, each run or reused,
+tracked as child runs of one MLflow parent run.
 
 ``generate → ingest → dedupe → split → augment → shard → train → evaluate → select``;
 ``generate`` runs only when ``data.raw_path`` is empty, ``augment`` only when
-``augment.enabled``, ``select`` only when ``select.enabled``. The registry's verdict comes right
-after evaluate, so select asks the model that has just earned ``champion``. Each stage runs
-atomically, skips when its marker exists (unless ``--force``), checks that its counts
-reconcile, and is logged as a child run of the pipeline's parent MLflow run (DESIGN §1, §7).
+``augment.enabled``, ``select`` only when ``select.enabled``. A stage is reused only when its
+fingerprint (settings, outside inputs, upstream) is the one in its marker; the registry's
+verdict is the evaluate stage's hook, so select asks the model that has just earned
+``champion`` (docs/architecture.md).
 """
 
 from __future__ import annotations
 
-import importlib
-import logging
 import sys
 import time
-from dataclasses import dataclass, field
 
-from pipelines.config import Config
-from pipelines.errors import ConfigError
-from pipelines.stage import GATED, RunContext, StageResult, run_atomically
-from pipelines.tracking import Tracker
-
-log = logging.getLogger("zipfline")
-
-STAGES = (
-    "generate", "ingest", "dedupe", "split", "augment", "shard", "train", "evaluate", "select",
-)  # fmt: skip
-
-
-def _flatten(prefix: str, value: object) -> dict[str, object]:
-    if isinstance(value, dict):
-        out: dict[str, object] = {}
-        for k, v in value.items():
-            out |= _flatten(f"{prefix}{k}.", v)
-        return out
-    return {prefix.rstrip("."): value}
-
-
-def stages_for(cfg: Config, start: str | None = None, stop: str | None = None) -> list[str]:
-    """The stages a run executes, between ``--from`` and ``--to`` inclusive."""
-    names = [
-        s for s in STAGES
-        if (s != "generate" or not cfg.data.raw_path) and (s != "augment" or cfg.augment.enabled)
-        and (s != "select" or cfg.select.enabled)
-    ]  # fmt: skip
-    for flag, value in (("--from", start), ("--to", stop)):
-        if value is not None and value not in names:
-            raise ConfigError(
-                f"{flag} {value}: not a stage of this run (stages: {', '.join(names)})"
-            )
-    lo = names.index(start) if start else 0
-    hi = names.index(stop) if stop else len(names) - 1
-    if lo > hi:
-        raise ConfigError(f"--from {start} comes after --to {stop}")
-    return names[lo : hi + 1]
-
-
-def stage_runner(stage: str):  # noqa: ANN201
-    """The ``run(ctx, out)`` of ``jobs/<stage>.py``."""
-    return importlib.import_module(f"jobs.{stage}").run
-
-
-@dataclass
-class RunSummary:
-    run_id: str
-    run_date: str
-    results: dict[str, StageResult] = field(default_factory=dict)
-    skipped: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    promotion: dict[str, str] = field(default_factory=dict)
+from core.layout import RunContext, StageResult
+from pipelines import stages
+from pipelines.registry import fetch_champion
+from pipelines.stages import PipelineRun, RunSummary
+from pipelines.tracking import Tracker, flatten
 
 
 def _progress(i: int, n: int, stage: str, text: str) -> None:
@@ -93,57 +43,54 @@ def run_pipeline(
     trigger: str = "manual",
 ) -> RunSummary:
     """Run the stages of ``ctx``'s config for its run date; returns the summary."""
-    names = stages_for(ctx.cfg, start, stop)
-    if ctx.cfg.dq.enabled and any(s in GATED for s in names):
-        from data_quality.gates import preload
+    chosen = stages.select_stages(ctx.cfg, start, stop)
+    if ctx.champion is None:
+        ctx.champion = fetch_champion
+    if ctx.cfg.dq.enabled and any(st.gated for st in chosen):
+        from data_quality.gates import preload  # GX takes seconds: only for a gated run
 
-        preload()  # Great Expectations imports in seconds: overlap it with the first stages
+        preload()  # overlap Great Expectations' import with the first stages
+    stale = stages.stale_before(ctx, chosen[0].name)
+    if stale:
+        print(f"zipfline: note: {', '.join(stale)} finished under other settings or inputs; "
+              f"this run starts at {chosen[0].name} and builds on them as they are "
+              "(run without --from to bring them up to date)", file=sys.stderr)  # fmt: skip
     tracker = Tracker(ctx.cfg.tracking)
     t0 = time.monotonic()
-    params = _flatten("", ctx.cfg.to_dict())
-    with tracker.parent(ctx.run_date, trigger, params) as run_id:
-        summary = RunSummary(run_id=run_id, run_date=ctx.run_date)
+    with tracker.parent(ctx.run_date, trigger, flatten(ctx.cfg.to_dict())) as run_id:
+        run = PipelineRun(ctx, tracker, RunSummary(run_id=run_id, run_date=ctx.run_date))
+        names = [st.name for st in chosen]
         print(f"zipfline run {ctx.run_date}: {' → '.join(names)}  (data under {ctx.run_dir})",
               file=sys.stderr, flush=True)  # fmt: skip
-        child_runs: dict[str, str] = {}
-        for i, stage in enumerate(names, 1):
-            with tracker.stage(stage) as child_runs[stage]:
-                skipped = ctx.done(stage) and not ctx.force
-                if skipped:
-                    result = ctx.read_result(stage)
-                    note = "done earlier, skipped (--force redoes it)"
-                    if ctx.settings_changed(stage):
-                        note = "done earlier UNDER OTHER SETTINGS OR LABELS, skipped (--force redoes it)"
-                    _progress(i, len(names), stage, f"{note}  {_describe(result)}")
+        upstream = stages.upstream_fingerprint(ctx, names[0])
+        for i, st in enumerate(chosen, 1):
+            fp = stages.fingerprint(ctx, st, upstream)
+            reused = not ctx.force and stages.is_current(ctx, st.name, fp)
+            with tracker.stage(st.name) as run.child_runs[st.name]:
+                if reused:
+                    result = ctx.read_result(st.name)
+                    _progress(i, len(names), st.name,
+                              f"reused (same settings and inputs)  {_describe(result)}")  # fmt: skip
                 else:
-                    _progress(i, len(names), stage, "running …")
-                    result = run_atomically(ctx, stage, stage_runner(stage))
-                    _progress(i, len(names), stage, f"{result.seconds:.1f}s  {_describe(result)}")
-                tracker.log_stage(stage, result, ctx.stage_dir(stage), skipped=skipped)
-            summary.results[stage] = result
-            if skipped:
-                summary.skipped.append(stage)
-            if stage == "evaluate" and ctx.cfg.registry.enabled and "train" in child_runs:
-                summary.promotion = _promote(ctx, tracker, child_runs["train"], summary)
-        summary.seconds = time.monotonic() - t0
-    return summary
+                    why = "forced" if ctx.force else _why(ctx, st.name)
+                    _progress(i, len(names), st.name, f"running ({why}) …")
+                    result = stages.run_stage(ctx, st.name, upstream=upstream)
+                    _progress(i, len(names), st.name, f"{result.seconds:.1f}s  {_describe(result)}")
+                tracker.log_stage(st.name, result, ctx.stage_dir(st.name), skipped=reused,
+                                  fingerprint=fp)  # fmt: skip
+                if not reused:
+                    for hook in st.after:
+                        hook(run, st.name, result)
+            run.summary.results[st.name] = result
+            if reused:
+                run.summary.skipped.append(st.name)
+            upstream = fp
+        run.summary.seconds = time.monotonic() - t0
+        tracker.describe_parent(run.summary)
+    return run.summary
 
 
-def _promote(ctx: RunContext, tracker: Tracker, train_run: str, summary: RunSummary) -> dict:
-    """Register the trained model; ``champion`` moves to it only if it beats the champion."""
-    from jobs.evaluate import weighted_error
-    from pipelines.registry import promote
-
-    error = summary.results["evaluate"].metrics["test_error_weighted"]
-    decision = promote(
-        ctx.cfg.registry,
-        f"runs:/{train_run}/model",
-        error,
-        lambda uri: weighted_error(ctx, uri),
-        {"run_id": summary.run_id, "run_date": ctx.run_date},
-    )
-    tracker.mlflow.set_tags(decision.tags())
-    verdict = "champion" if decision.accepted else "not promoted"
-    print(f"registry: {ctx.cfg.registry.model_name} version {decision.version} {verdict}: "
-          f"{decision.reason}", file=sys.stderr, flush=True)  # fmt: skip
-    return decision.tags()
+def _why(ctx: RunContext, name: str) -> str:
+    if not ctx.done(name):
+        return "not run yet"
+    return "settings or inputs changed"

@@ -14,8 +14,12 @@ import io
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
-from pipelines.config import RegistryConfig
+from core.config import Config, RegistryConfig
+from core.errors import ConfigError
+from core.layout import Champion
+from pipelines.tracking import connect
 
 CHAMPION = "champion"
 
@@ -104,3 +108,36 @@ def promote(
         champion_version=str(champion.version) if champion is not None else None,
         champion_error=champion_error,
     )
+
+
+def fetch_champion(cfg: Config, dst: Path) -> Champion | None:
+    """The registry's ``champion`` of ``registry.model_name``, its ``model.pt`` under ``dst``;
+    None when there is none yet. An unreachable store is a one-line :class:`ConfigError`."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    connect(cfg.tracking)
+    name = cfg.registry.model_name
+    client = mlflow.tracking.MlflowClient()
+    try:
+        version = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise ConfigError(
+            f"tracking.uri = {cfg.tracking.uri}: cannot read the registry ({exc})"
+        ) from exc
+    try:
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{name}/{version.version}", dst_path=str(dst)
+            )
+        )
+    except Exception as exc:  # artifact store errors of every backend
+        raise ConfigError(
+            f"registry: cannot download {name} version {version.version} ({exc})"
+        ) from exc
+    found = sorted(local.rglob("model.pt"))
+    if not found:
+        raise ConfigError(f"registry: {name} version {version.version} holds no model.pt")
+    return Champion(str(version.version), found[0])

@@ -6,8 +6,8 @@ import json
 import math
 from typing import Any
 
-from pipelines.config import TrackingConfig
-from pipelines.errors import DataError
+from core.config import TrackingConfig
+from core.errors import DataError
 from pipelines.tracking import COUNT_KEYS, PARENT_TAG, REASON_PREFIX, connect
 
 HEADLINE = (

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.config import Config
-from pipelines.stage import LABELS_DIR
+from core.config import Config
+from core.hashing import digest, labels_fingerprint, source_fingerprint
+from core.layout import data_root
 
 LOCK_FILE = ".retrain.lock"
 WATERMARK_FILE = "retrain.watermark.json"
@@ -80,47 +80,13 @@ def retrain_lock(root: Path) -> Iterator[Lock]:
                 path.unlink()
 
 
-def data_files(path: Path) -> list[Path]:
-    """The files a reader sees at ``path``: the file itself, or those below the folder, sorted,
-    leaving out hidden ``.``/``_`` paths (markers, quarantine, the generator's ``_truth``)."""
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        return []
-    return sorted(
-        p for p in path.rglob("*")
-        if p.is_file() and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts)
-    )  # fmt: skip
-
-
-def _tree_fingerprint(path: Path) -> list[tuple[str, int, int]]:
-    out = []
-    for p in data_files(path):
-        st = p.stat()
-        name = str(p) if p == path else str(p.relative_to(path))
-        out.append((name, st.st_size, st.st_mtime_ns))
-    return out
-
-
 def fingerprint(cfg: Config) -> dict[str, str]:
     """What a retrain depends on: the raw inputs (or the generator's settings) and the labels."""
-    root = Path(cfg.data.root).expanduser().resolve()
-    if cfg.data.raw_path and "://" not in cfg.data.raw_path:
-        raw = _tree_fingerprint(Path(cfg.data.raw_path).expanduser())
-    elif cfg.data.raw_path:
-        raw = [cfg.data.raw_path]  # a remote store: its listing is the next stage's business
-    else:
-        raw = [json.dumps(cfg.to_dict()["generate"], sort_keys=True)]
-    return {"raw": _digest(raw), "labels": labels_fingerprint(root)}
-
-
-def _digest(items: list) -> str:
-    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
-
-
-def labels_fingerprint(root: Path) -> str:
-    """A fingerprint of ``<root>/labels/`` (the imports, not their quarantine or log)."""
-    return _digest(_tree_fingerprint(root / LABELS_DIR))
+    raw = cfg.data.raw_path
+    return {
+        "raw": source_fingerprint(raw) if raw else digest(cfg.to_dict()["generate"]),
+        "labels": labels_fingerprint(data_root(cfg)),
+    }
 
 
 def read_watermark(root: Path) -> dict | None:

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipelines.stage import RunContext
+from core.layout import RunContext
 
 SWEEP_TAG = "sweep"
 

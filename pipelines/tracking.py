@@ -17,9 +17,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import TrackingConfig
-from pipelines.errors import ConfigError
-from pipelines.stage import StageResult
+from core.config import TrackingConfig
+from core.errors import ConfigError
+from core.layout import StageResult
 
 log = logging.getLogger("zipfline")
 COUNT_KEYS = ("rows_in", "rows_out", "rows_quarantined", "rows_merged")
@@ -74,6 +74,16 @@ def connect(cfg: TrackingConfig) -> Any:
     return experiment
 
 
+def flatten(value: object, prefix: str = "") -> dict[str, object]:
+    """A nested dict as ``dotted.key -> value`` (the config as MLflow params)."""
+    if isinstance(value, dict):
+        out: dict[str, object] = {}
+        for k, v in value.items():
+            out |= flatten(v, f"{prefix}{k}.")
+        return out
+    return {prefix.rstrip("."): value}
+
+
 def _finite(metrics: dict[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
 
@@ -113,7 +123,15 @@ class Tracker:
         with self.mlflow.start_run(run_name=name, nested=True, tags=tags) as run:
             yield run.info.run_id
 
-    def log_stage(self, name: str, result: StageResult, stage_dir: Path, *, skipped: bool) -> None:
+    def log_stage(
+        self,
+        name: str,
+        result: StageResult,
+        stage_dir: Path,
+        *,
+        skipped: bool,
+        fingerprint: str = "",
+    ) -> None:
         """Counts, metrics, params, tags, artifacts and model of a stage, into its child run."""
         mlflow = self.mlflow
         counts = {k: getattr(result, k) for k in COUNT_KEYS}
@@ -138,7 +156,13 @@ class Tracker:
         if result.params:
             mlflow.log_params({k: str(v)[:6000] for k, v in result.params.items()})
         mlflow.set_tags(
-            {**result.tags, "skipped": str(skipped).lower(), "stage_dir": str(stage_dir)}
+            {
+                **result.tags,
+                "skipped": str(skipped).lower(),
+                "reused": str(skipped).lower(),
+                "stage_dir": str(stage_dir),
+                "fingerprint": fingerprint,
+            }
         )
         for rel in result.artifacts:
             path = stage_dir / rel
@@ -159,3 +183,40 @@ class Tracker:
                 client.log_param(self.parent_id, key, str(value)[:6000])
             for key, value in result.tags.items():
                 client.set_tag(self.parent_id, key, value)
+
+    def set_parent_tags(self, tags: dict[str, str]) -> None:
+        """Tags on the pipeline's parent run (the registry's verdict)."""
+        if self.parent_id:
+            client = self.mlflow.tracking.MlflowClient()
+            for key, value in tags.items():
+                client.set_tag(self.parent_id, key, value)
+
+    def describe_parent(self, summary: Any) -> None:
+        """A short description of the run's result on the parent run (the UI's description):
+        which stages ran and which were reused, the test error, the registry's verdict."""
+        ran = [s for s in summary.results if s not in summary.skipped]
+        lines = [
+            f"zipfline run {summary.run_date}: ran {', '.join(ran) or 'nothing'}"
+            + (f"; reused {', '.join(summary.skipped)}" if summary.skipped else "")
+            + f" ({summary.seconds:.0f} s)."
+        ]
+        ev = summary.results.get("evaluate")
+        if ev and "test_error" in ev.metrics:
+            m = ev.metrics
+            lines.append(
+                f"test_error {m['test_error']:.4f}, weighted {m['test_error_weighted']:.4f}, "
+                f"breadth {m.get('breadth', float('nan')):.3f}."
+            )
+        tr = summary.results.get("train")
+        if tr and "samples_per_s" in tr.metrics:
+            lines.append(
+                f"train: {int(tr.metrics.get('steps', 0))} steps at "
+                f"{tr.metrics['samples_per_s']:,.0f} samples/s, stopped by "
+                f"{tr.tags.get('stopped_by', '?')}."
+            )
+        if summary.promotion:
+            lines.append(
+                f"registry: version {summary.promotion.get('model_version')} "
+                f"{summary.promotion.get('promotion')} ({summary.promotion.get('promotion_reason')})."
+            )
+        self.set_parent_tags({"mlflow.note.content": "\n".join(lines)})

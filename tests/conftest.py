@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import Config, load_config
+from core.config import Config, load_config
 
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 WORDNET = Path(__file__).resolve().parent / "fixtures" / "wordnet"
@@ -35,8 +35,8 @@ def config_for(tmp_path: Path, *overrides: str) -> Config:
 @pytest.fixture(scope="session")
 def spark() -> Iterator[object]:
     """One real local Spark session (bound to 127.0.0.1) shared by every Spark test."""
-    from pipelines.config import SparkConfig
-    from pipelines.spark import get_spark
+    from core.config import SparkConfig
+    from core.spark import get_spark
 
     session = get_spark(
         SparkConfig(

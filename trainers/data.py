@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipelines.errors import DataError
+from core.errors import DataError
 
 
 def load_manifest(shard_dir: Path) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from pipelines.errors import StageError
+from core.errors import StageError
 from trainers.trainer import RESULT_FILE
 
 

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from pipelines.errors import ConfigError
+from core.errors import ConfigError
 from trainers.data import check_featurizer, load_manifest, read_split
 from trainers.model import ModelSpec, NgramClassifier
 

@@ -8,9 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from jobs import augment, dedupe, ingest, split
-from pipelines.errors import ConfigError, DataError
-from pipelines.stage import RunContext, run_atomically
+from core.errors import ConfigError, DataError
+from core.layout import RunContext
+from jobs import augment, split
+from pipelines.stages import run_stage
 from tests.conftest import config_for
 
 pytestmark = pytest.mark.integration
@@ -54,7 +55,7 @@ def test_ingest_quarantines_each_reason_and_reconciles(spark, tmp_path):
                      "data.labels=[travel, books, music]",
                      "dq.policies.ingest.quarantined_share=warn")  # half of it is mess  # fmt: skip
     ctx = RunContext(cfg, "2026-11-01", spark=spark)
-    result = run_atomically(ctx, "ingest", ingest.run)
+    result = run_stage(ctx, "ingest")
     assert result.tags["dq.warn.ingest.quarantined_share"] == "1"
     assert result.quarantined_by_reason == {
         "bad_encoding": 1, "bad_timestamp": 1, "empty_query": 2, "malformed_row": 2,
@@ -74,7 +75,7 @@ def test_ingest_quarantines_each_reason_and_reconciles(spark, tmp_path):
     marker = json.loads((out / "_SUCCESS").read_text())
     assert marker["result"]["rows_out"] == 8
 
-    deduped = run_atomically(ctx, "dedupe", dedupe.run)
+    deduped = run_stage(ctx, "dedupe")
     rows = pd.read_parquet(ctx.stage_dir("dedupe") / "rows").set_index("query")
     flights = rows.loc["cheap flights"]
     assert flights["count"] == 3 and flights["num_labeled"] == 3
@@ -91,7 +92,7 @@ def test_missing_query_column_names_the_file(spark, tmp_path):
     (raw / "bad.csv").write_text("text,label\nhello,x\n")
     ctx = RunContext(config_for(tmp_path, f"data.raw_path={raw}"), "2026-11-01", spark=spark)
     with pytest.raises(DataError, match=r"bad\.csv: missing the required column 'query'"):
-        run_atomically(ctx, "ingest", ingest.run)
+        run_stage(ctx, "ingest")
     assert not ctx.done("ingest")
 
 
@@ -100,14 +101,14 @@ def test_missing_path_and_empty_folder(spark, tmp_path):
         config_for(tmp_path, f"data.raw_path={tmp_path / 'nope'}"), "2026-11-01", spark=spark
     )
     with pytest.raises(ConfigError, match="no such file or folder"):
-        run_atomically(ctx, "ingest", ingest.run)
+        run_stage(ctx, "ingest")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "header_only.csv").write_text("query,label\n")
     ctx = RunContext(
         config_for(tmp_path, f"data.raw_path={tmp_path / 'empty'}"), "2026-11-01", spark=spark
     )
     with pytest.raises(DataError, match="no rows"):
-        run_atomically(ctx, "ingest", ingest.run)
+        run_stage(ctx, "ingest")
 
 
 def test_split_keeps_clusters_apart_and_honours_an_external_test_set(spark, tmp_path):
@@ -120,8 +121,8 @@ def test_split_keeps_clusters_apart_and_honours_an_external_test_set(spark, tmp_
     frame.to_csv(raw / "log.csv", index=False)
     ctx = RunContext(config_for(tmp_path, f"data.raw_path={raw}", "split.test_fraction=0.2"),
                      "2026-11-01", spark=spark)  # fmt: skip
-    for stage, job in (("ingest", ingest), ("dedupe", dedupe), ("split", split)):
-        run_atomically(ctx, stage, job.run)
+    for stage in ("ingest", "dedupe", "split"):
+        run_stage(ctx, stage)
     parts = {n: pd.read_parquet(ctx.stage_dir("split") / n) for n in split.SPLITS}
     assert set(parts["train"]["cluster_id"]).isdisjoint(parts["test"]["cluster_id"])
     assert set(parts["validation"]["cluster_id"]).isdisjoint(parts["test"]["cluster_id"])
@@ -137,9 +138,9 @@ def test_split_keeps_clusters_apart_and_honours_an_external_test_set(spark, tmp_
                  ).to_csv(external / "test.csv", index=False)  # fmt: skip
     ctx = RunContext(config_for(tmp_path, f"data.raw_path={raw}", f"data.test_path={external}"),
                      "2026-11-02", spark=spark)  # fmt: skip
-    for stage, job in (("ingest", ingest), ("dedupe", dedupe)):
-        run_atomically(ctx, stage, job.run)
-    result = run_atomically(ctx, "split", split.run)
+    for stage in ("ingest", "dedupe"):
+        run_stage(ctx, stage)
+    result = run_stage(ctx, "split")
     result.check_reconciles("split")
     assert result.quarantined_by_reason == {
         "bad_weight": 1, "empty_query": 1, "in_test_set": 1, "near_test_set": 1
@@ -167,9 +168,9 @@ def test_augment_adds_variants_of_tail_training_queries_only(spark, tmp_path):
     ctx = RunContext(config_for(tmp_path, f"data.raw_path={raw}", "augment.enabled=true", "augment.variants=3",
                                 "split.test_fraction=0.2", "split.validation_fraction=0.2"),
                      "2026-11-01", spark=spark)  # fmt: skip
-    for stage, job in (("ingest", ingest), ("dedupe", dedupe), ("split", split)):
-        run_atomically(ctx, stage, job.run)
-    result = run_atomically(ctx, "augment", augment.run)
+    for stage in ("ingest", "dedupe", "split"):
+        run_stage(ctx, stage)
+    result = run_stage(ctx, "augment")
     result.check_reconciles("augment")
     parts = {n: pd.read_parquet(ctx.stage_dir("split") / n) for n in split.SPLITS}
     out = pd.read_parquet(ctx.stage_dir("augment") / augment.TRAIN_DIR)
@@ -189,7 +190,7 @@ def test_augment_adds_variants_of_tail_training_queries_only(spark, tmp_path):
     assert set(variants["aug_op"]) <= {"synonym", "insert", "swap", "delete", "typo"}
     assert {"synonym", "insert"} & set(variants["aug_op"])  # "car" has WordNet synonyms
     again = RunContext(ctx.cfg, "2026-11-01", force=True, spark=spark)
-    run_atomically(again, "augment", augment.run)
+    run_stage(again, "augment")
     rerun = pd.read_parquet(again.stage_dir("augment") / augment.TRAIN_DIR)
     assert sorted(rerun["query"]) == sorted(out["query"])  # deterministic per seed
 
@@ -217,7 +218,7 @@ def test_ingest_counts_reconcile_on_random_mess(spark, tmp_path, seed):
     cfg = config_for(tmp_path, f"data.raw_path={raw}", "ingest.max_query_chars=50",
                      "data.labels=[a, b]", "dq.policies.ingest.quarantined_share=warn")  # fmt: skip
     ctx = RunContext(cfg, "2026-11-01", spark=spark)
-    result = run_atomically(ctx, "ingest", ingest.run)
+    result = run_stage(ctx, "ingest")
     result.check_reconciles("ingest")
     assert result.rows_in == len(records)
     out = pd.read_parquet(ctx.stage_dir("ingest") / "rows")

@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from jobs import dedupe, generate, ingest, shard, split
+from core.layout import RunContext
 from jobs.train import build_spec
-from pipelines.stage import RunContext, run_atomically
+from pipelines.stages import run_stage
 from tests.conftest import config_for
 from trainers.data import load_manifest
 from trainers.decompose import FRACTIONS, decomposition, run_references
@@ -37,9 +37,8 @@ def test_decomposition_terms_move_the_way_they_should(spark, tmp_path):
     cfg = config_for(tmp_path, "generate.num_events=30000", "generate.num_queries=3000",
                      "generate.num_labels=8", "model.dim=32", "dq.enabled=false")  # fmt: skip
     ctx = RunContext(cfg, "2026-11-01", spark=spark)
-    for stage, job in (("generate", generate), ("ingest", ingest), ("dedupe", dedupe),
-                       ("split", split), ("shard", shard)):  # fmt: skip
-        run_atomically(ctx, stage, job.run)
+    for stage in ("generate", "ingest", "dedupe", "split", "shard"):  # fmt: skip
+        run_stage(ctx, stage)
     test = pd.read_parquet(ctx.stage_dir("split") / "test")
     with tempfile.TemporaryDirectory() as tmp:
         base = build_spec(ctx, Path(tmp), None)

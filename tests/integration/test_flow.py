@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 import torch
 
-from jobs.dedupe import pair_scores
+from core.config import TrackingConfig
 from pipelines.cli import main
-from pipelines.config import TrackingConfig
-from pipelines.flow import STAGES
 from pipelines.report import report_data
+from pipelines.stages import NAMES as STAGES
+from querylog.neardup import pair_scores
 from tests.conftest import WORDNET
 from trainers.data import read_split
 from trainers.serving import Predictor

@@ -12,11 +12,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from core.errors import ConfigError, DataError
+from core.layout import RunContext, StageResult
 from data_quality.gates import run_gate
 from data_quality.suites import zipf_facts
-from jobs import dedupe, ingest, shard, split
-from pipelines.errors import ConfigError, DataError
-from pipelines.stage import RunContext, StageResult, run_atomically
+from pipelines.stages import run_stage
 from tests.conftest import config_for
 
 pytestmark = pytest.mark.integration
@@ -63,11 +63,11 @@ def test_forty_percent_empty_queries_stop_the_run_or_warn(spark, tmp_path):
     with pytest.raises(
         DataError, match=r"gate ingest: expectation quarantined_share .*observed 0\.4"
     ):
-        run_atomically(ctx, "ingest", ingest.run)
+        run_stage(ctx, "ingest")
     assert not ctx.done("ingest")  # a failed gate leaves no finished stage behind
     warn = config_for(tmp_path, f"data.raw_path={raw}", "dq.policies.ingest.quarantined_share=warn")
     ctx = RunContext(warn, "2026-11-01", spark=spark)
-    result = run_atomically(ctx, "ingest", ingest.run)
+    result = run_stage(ctx, "ingest")
     assert result.metrics["dq_ingest_success"] == 0 and result.metrics["dq_ingest_unexpected"] == 1
     assert result.tags["dq.warn.ingest.quarantined_share"] == "1"
     assert result.quarantined_by_reason == {"empty_query": 40} and result.rows_out == 60
@@ -161,8 +161,8 @@ def test_a_shard_changed_after_its_manifest_fails_the_shard_gate(spark, tmp_path
     pd.DataFrame({"query": [f"some query {i}" for i in range(300)] * 2, "label": ["a", "b"] * 300}
                  ).to_csv(raw / "log.csv", index=False)  # fmt: skip
     ctx = RunContext(config_for(tmp_path, f"data.raw_path={raw}"), "2026-11-01", spark=spark)
-    for stage, job in (("ingest", ingest), ("dedupe", dedupe), ("split", split), ("shard", shard)):
-        result = run_atomically(ctx, stage, job.run)  # every gate passes on clean data
+    for stage in ("ingest", "dedupe", "split", "shard"):
+        result = run_stage(ctx, stage)  # every gate passes on clean data
         assert result.metrics[f"dq_{stage}_success"] == 1, stage
     shard_dir = ctx.stage_dir("shard")
     assert result.metrics["shard_rows_max"] - result.metrics["shard_rows_min"] <= 1

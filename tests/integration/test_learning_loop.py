@@ -10,11 +10,12 @@ import pandas as pd
 import pytest
 import torch
 
-from jobs.label import IMPORT_PREFIX, IMPORTS_LOG, QUARANTINE, read_labels
-from jobs.select import fetch_champion, rank_candidates, score_queries, ship_model
+from core.config import SelectConfig
+from core.layout import LABELS_DIR
+from jobs.select import rank_candidates, score_queries, ship_model
 from pipelines.cli import main
-from pipelines.config import SelectConfig
-from pipelines.stage import LABELS_DIR
+from pipelines.registry import fetch_champion
+from querylog.labels import IMPORT_PREFIX, IMPORTS_LOG, QUARANTINE, read_labels
 from tests.conftest import config_for
 from trainers.featurizer import Featurizer
 from trainers.model import ModelSpec

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from core.config import TrackingConfig
 from pipelines.cli import main
-from pipelines.config import TrackingConfig
 from pipelines.report import report_data
 from pipelines.retrain import retrain_lock
 

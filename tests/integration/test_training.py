@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.errors import StageError
+from core.errors import StageError
+from core.layout import RunContext
 from pipelines.flow import run_pipeline
-from pipelines.stage import RunContext
 from tests.conftest import config_for
 from trainers.featurizer import Featurizer
 from trainers.launch import launch_distributor
@@ -133,8 +133,8 @@ def test_barrier_mode_on_a_local_cluster(shards, tmp_path):
     )
     code = (
         "import json, sys\n"
-        "from pipelines.config import SparkConfig\n"
-        "from pipelines.spark import get_spark\n"
+        "from core.config import SparkConfig\n"
+        "from core.spark import get_spark\n"
         "from trainers.launch import launch_distributor\n"
         "get_spark(SparkConfig(master='local-cluster[2,1,1024]', driver_memory='1g',"
         " conf={'spark.executor.memory': '1g'}))\n"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from core.config import AugmentConfig
+from core.errors import ConfigError, EnvironmentProblem
 from jobs.augment import (
     KEYBOARD,
     keyboard_typo,
@@ -16,9 +18,7 @@ from jobs.augment import (
     synonym_replace,
     variants_of,
 )
-from jobs.dedupe import edit_distance
-from pipelines.config import AugmentConfig
-from pipelines.errors import ConfigError, EnvironmentProblem
+from querylog.neardup import edit_distance
 from tests.conftest import WORDNET, config_for
 
 SYN = {"cheap": ("inexpensive",), "car": ("auto", "automobile"), "flight": ("flying",)}

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import Config, load_config, parse_override
-from pipelines.errors import ConfigError
+from core.config import Config, load_config, parse_override
+from core.errors import ConfigError
 
 REPO_CONF = Path(__file__).resolve().parents[2] / "conf"
 

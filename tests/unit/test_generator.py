@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from jobs.generate import build_universe, draw_events
-from pipelines.config import GenerateConfig
+from core.config import GenerateConfig
+from querylog.generator import build_universe, draw_events
 
 CFG = GenerateConfig(num_events=20_000, num_queries=500, num_labels=6, zipf_exponent=1.1,
                      unlabeled_fraction=0.2, ambiguous_fraction=0.25, label_noise=0.05,

@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
+from core.errors import EnvironmentProblem
+from core.spark import check_java, parse_java_major
 from pipelines.cli import main, one_line
-from pipelines.errors import EnvironmentProblem
-from pipelines.spark import check_java, parse_java_major
 
 
 @pytest.mark.parametrize(

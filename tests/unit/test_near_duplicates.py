@@ -2,9 +2,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from jobs.dedupe import band_keys, edit_distance, is_near_duplicate, pair_scores, shingles
-from jobs.generate import build_universe, near_duplicate
-from pipelines.config import GenerateConfig
+from core.config import GenerateConfig
+from querylog.generator import build_universe, near_duplicate
+from querylog.neardup import band_keys, edit_distance, is_near_duplicate, pair_scores, shingles
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from pipelines.config import load_config
-from pipelines.errors import ConfigError
+from core.config import load_config
+from core.errors import ConfigError
 from trainers.model import ModelSpec, NgramClassifier
 from trainers.trainer import build_optimizers, lr_factor, spec_fingerprint
 

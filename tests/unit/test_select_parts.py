@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from jobs.label import content_id
 from jobs.select import class_cap, oracle_answers, uncertainty
 from pipelines.cli import main
+from querylog.labels import content_id
 from tests.conftest import config_for
 
 

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipelines.errors import ConfigError, DataError
+from core.errors import ConfigError, DataError
 from trainers.data import check_featurizer, read_split, sha256_of
 from trainers.featurizer import Featurizer
 from trainers.model import ModelSpec, NgramClassifier

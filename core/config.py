@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pipelines.errors import ConfigError
+from core.errors import ConfigError
 
 Format = Literal["auto", "csv", "jsonl", "parquet"]
 

@@ -15,12 +15,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipelines.errors import EnvironmentProblem
+from core.errors import EnvironmentProblem
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
-    from pipelines.config import SparkConfig
+    from core.config import SparkConfig
 
 MIN_JAVA = 17
 JAVA_HINT = (

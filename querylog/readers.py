@@ -23,7 +23,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipelines.errors import ConfigError, DataError
+from core.errors import ConfigError, DataError
 
 log = logging.getLogger("zipfline")
 

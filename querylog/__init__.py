@@ -1,0 +1,1 @@
+"""The query-log library: readers, cleaning, near-duplicates, labels and the generator; plain functions on DataFrames, no orchestration."""
