@@ -71,9 +71,6 @@ class StageResult:
     """Metric histories as ``[step, value]`` pairs (loss curves), logged in one batch."""
     model: str | None = None
     """A saved ``model.pt`` (relative to the stage folder) to log as the run's pyfunc model."""
-    datasets: dict[str, str] = field(default_factory=dict)
-    """Datasets the stage read, ``context -> path`` (``training``, ``validation``, ``test``),
-    logged as MLflow dataset inputs of its run."""
     seconds: float = 0.0
 
     def check_reconciles(self, stage: str) -> None:

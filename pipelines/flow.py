@@ -76,8 +76,10 @@ def run_pipeline(
                     _progress(i, len(names), st.name, f"running ({why}) …")
                     result = stages.run_stage(ctx, st.name, upstream=upstream)
                     _progress(i, len(names), st.name, f"{result.seconds:.1f}s  {_describe(result)}")
-                tracker.log_stage(st.name, result, ctx.stage_dir(st.name), skipped=reused,
-                                  fingerprint=fp)  # fmt: skip
+                tracker.log_stage(
+                    st.name, result, ctx.stage_dir(st.name), skipped=reused, fingerprint=fp,
+                    datasets=st.datasets(ctx) if st.datasets else {},
+                )  # fmt: skip
                 if not reused:
                     for hook in st.after:
                         hook(run, st.name, result)

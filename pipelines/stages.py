@@ -81,6 +81,15 @@ def _test_file(ctx: RunContext) -> dict[str, Any]:
     return {"test": source_fingerprint(ctx.cfg.data.test_path)}
 
 
+def _shards(ctx: RunContext) -> dict[str, Path]:
+    shard = ctx.stage_dir("shard")
+    return {"training": shard, "validation": shard}
+
+
+def _test_split(ctx: RunContext) -> dict[str, Path]:
+    return {"test": ctx.stage_dir("split") / "test"}
+
+
 def gate(ctx: RunContext, stage: str, out: Path, result: StageResult) -> None:
     """The data quality gate of ``stage`` over its output (when ``dq.enabled``)."""
     if ctx.cfg.dq.enabled:
@@ -125,6 +134,9 @@ class Stage:
     after: tuple[After, ...] = ()
     gated: bool = False
     """Whether ``checks`` include its data quality gate (the run preloads GX when any does)."""
+    datasets: Callable[[RunContext], dict[str, Path]] | None = None
+    """The datasets it learns from or is judged on, ``context -> folder`` (``training``,
+    ``validation``, ``test``), logged as MLflow dataset inputs of its run."""
 
     @property
     def run(self) -> StageFn:
@@ -139,8 +151,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("split", ("split",), sources=_test_file, checks=(gate,), gated=True),
     Stage("augment", ("augment",), enabled=lambda cfg: cfg.augment.enabled),
     Stage("shard", ("shard", "featurizer", "train.world_size"), checks=(gate,), gated=True),
-    Stage("train", ("model", "train")),
-    Stage("evaluate", ("eval", "registry"), after=(promote,)),
+    Stage("train", ("model", "train"), datasets=_shards),
+    Stage("evaluate", ("eval", "registry"), datasets=_test_split, after=(promote,)),
     Stage("select", ("select", "label"), sources=_labels, enabled=lambda c: c.select.enabled),
 )
 NAMES = tuple(s.name for s in STAGES)

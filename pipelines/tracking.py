@@ -131,6 +131,7 @@ class Tracker:
         *,
         skipped: bool,
         fingerprint: str = "",
+        datasets: dict[str, Path] | None = None,
     ) -> None:
         """Counts, metrics, params, tags, artifacts and model of a stage, into its child run."""
         mlflow = self.mlflow
