@@ -45,6 +45,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check core querylog pipelines jobs trainers data_quality tests bench
 	$(BIN)/ruff format --check core querylog pipelines jobs trainers data_quality tests bench
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit/test_import_layers.py
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix core querylog pipelines jobs trainers data_quality tests bench

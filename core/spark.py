@@ -69,6 +69,7 @@ def check_java() -> int:
 
 def get_spark(cfg: SparkConfig) -> SparkSession:
     """The active session if there is one (``spark-submit``, tests), else a new local one."""
+    # start-up speed: pyspark imports in seconds, only when a session is made
     from pyspark.sql import SparkSession
 
     active = SparkSession.getActiveSession()

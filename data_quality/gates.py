@@ -55,6 +55,7 @@ def _import_gx() -> Any:
     with _import_lock:
         os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
         os.environ.setdefault("TQDM_DISABLE", "1")  # no "Calculating Metrics" bars
+        # start-up speed: Great Expectations imports in seconds (preloaded in a thread)
         import great_expectations as gx
 
         return gx
@@ -69,6 +70,7 @@ def context(root: Path) -> Any:
         for name in ("great_expectations", "great_expectations.data_context"):
             logging.getLogger(name).setLevel(logging.ERROR)
         ctx = gx.get_context(mode="file", project_root_dir=str(root))
+        # start-up speed: Great Expectations, as above
         from great_expectations.data_context.types.base import ProgressBarsConfig
 
         ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
@@ -102,6 +104,7 @@ def _validate(gx_context: Any, name: str, df: Any, expectations: list[Any],
               result_format: str) -> Any:  # fmt: skip
     """Validate ``df`` (a Spark frame, or the pandas summary row of a gate's aggregates) against
     the suite of ``expectations``; its validation result."""
+    # start-up speed: Great Expectations, as above
     import great_expectations as gx
 
     pandas = not hasattr(df, "sparkSession")
@@ -131,6 +134,7 @@ def _validate(gx_context: Any, name: str, df: Any, expectations: list[Any],
 def render_docs(validation: Any, target: Path) -> None:
     """The validation result as a Data Docs page (GX's own renderer and page view). The site's
     index is left out on purpose: rebuilding it reads every result ever stored."""
+    # start-up speed: Great Expectations' renderer, only for Data Docs
     from great_expectations.render.renderer import ValidationResultsPageRenderer
     from great_expectations.render.view import DefaultJinjaPageView
 
@@ -163,6 +167,7 @@ def _aggregate(frame_name: str, frame: Frame, checks: list[Check]) -> Any:
 
 def _summary_expectation(check: Check, column: str) -> Any:
     """The expectation on the summary row: the row-level check's unexpected count is 0."""
+    # start-up speed: Great Expectations, as above
     from great_expectations.expectations.registry import get_expectation_impl
 
     impl = get_expectation_impl("expect_column_values_to_be_between")

@@ -124,6 +124,7 @@ def frames_for(gate: str, cfg: Config, out: Path, spark: SparkSession, result) -
             frames["facts"] = _facts(spark, facts)
         return frames
     if gate == "shard":
+        # start-up speed: trainers.data imports torch, only for the shard gate
         from trainers.data import sha256_of
 
         manifest = json.loads((out / "manifest.json").read_text())

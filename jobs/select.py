@@ -78,6 +78,7 @@ _PREDICTORS: dict[str, object] = {}
 def _predictor(name: str):  # noqa: ANN202
     """The model shipped as ``name``, loaded once per Python worker (workers are reused)."""
     if name not in _PREDICTORS:
+        # start-up speed: on the Spark worker, once per model
         from pyspark import SparkFiles
 
         from trainers.predictor import Predictor

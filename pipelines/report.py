@@ -33,7 +33,8 @@ def _stage_entry(run: Any) -> dict[str, Any]:
         if key not in entry and not key.startswith(REASON_PREFIX) and key != "stage_seconds":
             entry[key] = int(value) if float(value).is_integer() else value
     entry["seconds"] = metrics.get("stage_seconds")
-    entry["skipped"] = run.data.tags.get("skipped") == "true"
+    entry["skipped"] = run.data.tags.get("skipped") == "true"  # reused: same fingerprint
+    entry["fingerprint"] = run.data.tags.get("fingerprint", "")
     entry["status"] = run.info.status
     return entry
 
@@ -42,6 +43,7 @@ def report_data(cfg: TrackingConfig, run_id: str | None = None) -> dict[str, Any
     """One JSON-ready object: ``run_id``, ``status``, params, metrics and tags at the top level,
     the flattened config under ``config``, and ``stages`` with each stage's counts."""
     experiment = connect(cfg)
+    # start-up speed: mlflow imports in seconds, after connect() quieted it
     import mlflow
 
     client = mlflow.tracking.MlflowClient()

@@ -121,6 +121,7 @@ def _parquet_schema(spark: SparkSession, f: InputFile) -> tuple[tuple[str, str],
         return tuple(
             (fl.name, fl.dataType.simpleString()) for fl in spark.read.parquet(f.uri).schema
         )
+    # start-up speed: pyarrow only for local Parquet schemas
     import pyarrow.parquet as pq
 
     try:

@@ -9,9 +9,11 @@ import numpy as np
 
 
 def pyplot():  # noqa: ANN202
+    # start-up speed: matplotlib only when a plot is drawn
     import matplotlib
 
     matplotlib.use("Agg")
+    # start-up speed: matplotlib, as above
     import matplotlib.pyplot as plt
 
     return plt

@@ -130,7 +130,8 @@ def test_generated_flow_end_to_end(spark, in_tmp, capsys):
     assert data["test_error_ci_low"] <= data["test_error"] <= data["test_error_ci_high"]
     assert "→" in data["top_confusions"]
     capsys.readouterr()
-    assert main([*argv, "--set", "registry.margin=1"]) == 0  # stages skipped, model registered
+    # registry settings are evaluate's: it runs again (train reused) and registers the model again
+    assert main([*argv, "--set", "registry.margin=1"]) == 0
     again = report_data(tracking)
     assert again["promotion"] == "rejected" and again["model_version"] == "2"
     assert "does not beat the champion's" in again["promotion_reason"]
@@ -165,13 +166,15 @@ def test_generated_flow_end_to_end(spark, in_tmp, capsys):
         "sweep.json",
     }
 
-    # a rerun for the same date skips every finished stage, and is tracked as a new run; a
-    # stage that finished under other settings says so
+    # a stage whose settings changed runs again, and so does every stage after it; a rerun
+    # with the same settings and inputs reuses every stage and is tracked as a new run
     capsys.readouterr()
-    assert main([*argv, "--set", "eval.breadth_recall=0.5"]) == 0
+    assert main([*argv, "--set", "eval.breadth_recall=0.5", "--set", "registry.enabled=false"]) == 0
     err = capsys.readouterr().err
-    assert "[7/9] train     done earlier, skipped" in err
-    assert "[8/9] evaluate  done earlier UNDER OTHER SETTINGS" in err
+    assert "[7/9] train     reused (same settings and inputs)" in err
+    assert "[8/9] evaluate  running (settings or inputs changed)" in err
+    assert "[9/9] select    running (settings or inputs changed)" in err
+    assert main([*argv, "--set", "eval.breadth_recall=0.5", "--set", "registry.enabled=false"]) == 0
     rerun = report_data(tracking)
     assert rerun["run_id"] != data["run_id"]
     assert all(s["skipped"] for s in rerun["stages"].values())
