@@ -1,6 +1,7 @@
 """The one config loader: YAML under ``conf/base/`` merged with ``conf/<env>/`` and ``--set``.
 
-Config is loaded into frozen dataclasses and validated before any work starts (DESIGN §5). An
+Config is loaded into frozen dataclasses and validated before any work starts
+(docs/architecture.md, "Config"). An
 unknown key or a bad value raises :class:`ConfigError` naming the key, the value and what is
 allowed. Only ``yaml.safe_load`` is used.
 """

@@ -1,7 +1,8 @@
 """The one error hierarchy of zipfline.
 
 Every user-facing failure derives from :class:`ZipflineError`. Each carries the exit code the
-CLI returns for it (DESIGN §6: 1 for data or gate failures, 2 for usage or config errors) and a
+CLI returns for it (docs/architecture.md, "Command line": 1 for data or gate failures, 2 for
+usage or config errors) and a
 message that names what and where; the cause is chained with ``raise ... from exc``.
 """
 

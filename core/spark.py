@@ -1,7 +1,7 @@
 """The one SparkSession factory, and the Java check that precedes it.
 
 Under ``spark-submit`` the master and resources come from the submit command; the embedded
-default is a ``local[*]`` session bound to 127.0.0.1 (DESIGN §3).
+default is a ``local[*]`` session bound to 127.0.0.1 (docs/architecture.md, "Runtime parts").
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The quarantine writer: bad rows are written out with their reason, never dropped (DESIGN §4).
+"""The quarantine writer: bad rows are written out with their reason, never dropped
+(docs/architecture.md, "Data contract").
 
 A quarantine row carries every input column as it came, plus ``reason`` (a short code) and
 ``stage``; the stage's counts by reason come from the same frame, so they reconcile.

@@ -4,7 +4,8 @@ Each shard row holds the query's int32 n-gram ``ids`` (from the same :class:`Fea
 serves the model), its ``label`` id (-1 for a validation label the training data never saw)
 and its ``weight`` by the sampling policy. ``train.world_size × shard.shards_per_worker``
 train shards, shuffled and balanced, and a ``manifest.json`` listing every file with its rows
-and sha256, the label vocabulary and the featurizer's settings (DESIGN §4).
+and sha256, the label vocabulary and the featurizer's settings (docs/architecture.md, "Data
+contract").
 """
 
 from __future__ import annotations

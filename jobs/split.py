@@ -2,7 +2,8 @@
 
 Rows are assigned by a seeded hash of their ``cluster_id``, so every member of a cluster lands
 in the same split and nothing of a test query leaks into training. Each row keeps its Zipf
-``bucket`` (head / torso / tail by traffic share, DESIGN §8) and a ``weight``: the labeled
+``bucket`` (head / torso / tail by traffic share, docs/architecture.md, "Definitions") and a
+``weight``: the labeled
 events it stands for, which the weighted test error uses. With ``data.test_path`` the external
 test set replaces the hashed test split; log rows that are also in it are quarantined as
 ``in_test_set``, and log clusters holding a near-duplicate of a test query as ``near_test_set``.

@@ -1,4 +1,5 @@
-"""``zipfline report``: a pipeline run's summary, read back from MLflow (DESIGN §6)."""
+"""``zipfline report``: a pipeline run's summary, read back from MLflow (docs/architecture.md,
+"Command line")."""
 
 from __future__ import annotations
 

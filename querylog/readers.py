@@ -1,4 +1,5 @@
-"""Reading raw logs in CSV, JSONL and Parquet into one frame (DESIGN §4).
+"""Reading raw logs in CSV, JSONL and Parquet into one frame (docs/architecture.md, "Data
+contract").
 
 Files are listed through Hadoop's FileSystem (local paths, HDFS, S3 alike), skipping hidden
 ``_``/``.`` paths (markers, the generator's ``_truth/``). Each file's schema is checked on its

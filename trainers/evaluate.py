@@ -1,5 +1,6 @@
 """Evaluation on the test split: distinct and traffic-weighted errors, log-loss, breadth and
-accuracy by Zipf bucket (DESIGN §8), plus the Bayes error when the generator's truth is known.
+accuracy by Zipf bucket (docs/architecture.md, "Definitions"), plus the Bayes error when the
+generator's truth is known.
 
 A distinct test query stands for all its labeled events: with label counts c_k over n events,
 predicting k is right on c_k / n of them. ``test_error`` averages that over distinct queries;

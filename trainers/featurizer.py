@@ -1,7 +1,8 @@
 """The one featurizer: query normalization and hashed n-gram ids.
 
 The same object normalizes raw text at ingest, turns queries into ids when shards are written,
-and serves the logged model, so training and serving see identical features (DESIGN §7).
+and serves the logged model, so training and serving see identical features
+(docs/architecture.md, "MLflow record").
 Hashing uses CRC-32, which is stable across processes, machines and Python versions (Python's
 own ``hash`` is salted per process).
 """

@@ -19,7 +19,8 @@ class ModelSpec:
 
     @property
     def capacity(self) -> str:
-        """``buckets×dim×hidden``, the ``model_capacity`` param (DESIGN §7)."""
+        """``buckets×dim×hidden``, the ``model_capacity`` param (docs/architecture.md, "MLflow
+        record")."""
         hidden = "-".join(map(str, self.hidden)) or "0"
         return f"{self.num_buckets}x{self.dim}x{hidden}"
 
