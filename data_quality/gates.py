@@ -26,6 +26,7 @@ from typing import Any
 import pandas as pd
 from pyspark.sql import functions as F
 
+from core.atomic import atomic_dir
 from core.config import Config
 from core.errors import ConfigError, DataError
 from data_quality.expectations import Check, unexpected
@@ -311,12 +312,10 @@ def _quarantine(gate: str, frame_name: str, frame: Frame, checks: list[Check],
         for r in tagged.where(F.col("reason").isNotNull()).groupBy("reason").count().collect()
     }
     write_quarantine(tagged.where(F.col("reason").isNotNull()), out, gate, part=f"dq_{frame_name}")
-    target = out / frame.path
-    staging = out / f"_{frame.path}.dq"
-    tagged.where(F.col("reason").isNull()).select(*frame.columns).write.parquet(str(staging))
+    with atomic_dir(out / frame.path) as staging:  # the kept rows replace the dataset
+        kept = tagged.where(F.col("reason").isNull()).select(*frame.columns)
+        kept.write.mode("overwrite").parquet(str(staging))
     tagged.unpersist()
-    shutil.rmtree(target)
-    staging.rename(target)
     moved = sum(counts.values())
     result.rows_out -= moved
     result.rows_quarantined += moved
