@@ -146,9 +146,21 @@ class Stage:
 
 STAGES: tuple[Stage, ...] = (
     Stage("generate", ("generate",), enabled=lambda cfg: not cfg.data.raw_path),
-    Stage("ingest", ("data", "ingest", "dq"), sources=_raw, checks=(gate,), gated=True),
+    Stage(
+        "ingest",
+        ("data.raw_path", "data.raw_format", "data.labels", "ingest", "dq"),
+        sources=_raw,
+        checks=(gate,),
+        gated=True,
+    ),
     Stage("dedupe", ("dedupe",), sources=_labels, checks=(gate,), gated=True),
-    Stage("split", ("split",), sources=_test_file, checks=(gate,), gated=True),
+    Stage(
+        "split",
+        ("split", "data.test_path", "data.test_format"),
+        sources=_test_file,
+        checks=(gate,),
+        gated=True,
+    ),
     Stage("augment", ("augment",), enabled=lambda cfg: cfg.augment.enabled),
     Stage("shard", ("shard", "featurizer", "train.world_size"), checks=(gate,), gated=True),
     Stage("train", ("model", "train"), datasets=_shards),

@@ -92,3 +92,10 @@ def test_stage_names_and_slices(tmp_path):
     assert names == ["dedupe", "split", "shard"]
     with pytest.raises(Exception, match="not a stage of this run"):
         stages.select_stages(cfg, "augment")
+
+
+def test_where_the_data_root_lies_is_not_a_setting(tmp_path):
+    a = RunContext(config_for(tmp_path), "2026-11-01")
+    b = RunContext(config_for(tmp_path / "elsewhere"), "2026-11-01")
+    for st in stages.STAGES:  # the label store is listed by names relative to it
+        assert stages.fingerprint(a, st, "u") == stages.fingerprint(b, st, "u"), st.name
