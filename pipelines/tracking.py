@@ -3,15 +3,25 @@
 Stage counts are logged as metrics (``rows_in``, ``rows_out``, ``rows_quarantined``,
 ``rows_merged``, ``quarantined.<reason>``) so that ``zipfline report`` and the MLflow UI read
 the same numbers; the training and evaluation params and metrics go to the parent run too.
+
+The experiment is tagged as a model-training experiment (``mlflow.experimentKind``), the data a
+stage learns from or is judged on is logged as MLflow dataset inputs (digest, source folder,
+schema, row count; read from the shard manifest and Parquet footers, never the rows) of its run
+and of the parent run, and the parent run's description (``mlflow.note.content``) sums up its
+result.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import logging
 import math
 import os
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,13 +29,18 @@ from typing import Any
 
 from core.config import TrackingConfig
 from core.errors import ConfigError
-from core.layout import StageResult
+from core.layout import StageResult, data_files
 
 log = logging.getLogger("zipfline")
 COUNT_KEYS = ("rows_in", "rows_out", "rows_quarantined", "rows_merged")
 REASON_PREFIX = "quarantined."
 PARENT_TAG = "zipfline.kind"
 PROMOTED_STAGES = ("train", "evaluate")  # whose params and metrics the parent run repeats
+# MLflow 3's UI opens an experiment in its GenAI view unless this tag says otherwise
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # the UI's "Machine learning" (model training)
+MANIFEST = "manifest.json"  # the shard stage's file list (jobs.shard.MANIFEST)
+MANIFEST_SPLITS = {"training": "train", "validation": "validation", "test": "test"}
 
 
 def git_sha() -> str:
@@ -64,8 +79,16 @@ def connect(cfg: TrackingConfig) -> Any:
             if cfg.uri.startswith("sqlite:///"):
                 db = Path(cfg.uri.removeprefix("sqlite:///")).resolve()
                 location = (db.parent / "mlartifacts").as_uri()
-            mlflow.create_experiment(cfg.experiment, artifact_location=location)
+            mlflow.create_experiment(
+                cfg.experiment,
+                artifact_location=location,
+                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+            )
             experiment = mlflow.get_experiment_by_name(cfg.experiment)
+        elif EXPERIMENT_KIND_TAG not in experiment.tags:  # made before the tag was set
+            mlflow.tracking.MlflowClient().set_experiment_tag(
+                experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND
+            )
     except Exception as exc:  # MlflowException, SQLAlchemy, connection errors
         raise ConfigError(
             f"tracking.uri = {cfg.uri}: cannot reach the MLflow store ({exc})"
@@ -88,6 +111,105 @@ def _finite(metrics: dict[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
 
 
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _column_type(arrow_type: Any) -> Any:
+    """The MLflow column type of a pyarrow type (``any`` for what MLflow has no name for)."""
+    import pyarrow as pa  # pyarrow: only when a dataset is logged
+    from mlflow.types import DataType  # mlflow: imported on first use (start-up speed)
+    from mlflow.types.schema import AnyType, Array  # likewise
+
+    t = pa.types
+    if t.is_list(arrow_type) or t.is_large_list(arrow_type):
+        return Array(_column_type(arrow_type.value_type))
+    for test, kind in (
+        (t.is_string, DataType.string), (t.is_large_string, DataType.string),
+        (t.is_boolean, DataType.boolean), (t.is_float64, DataType.double),
+        (t.is_floating, DataType.float), (t.is_binary, DataType.binary),
+        (t.is_large_binary, DataType.binary), (t.is_timestamp, DataType.datetime),
+        (t.is_date, DataType.datetime),
+    ):  # fmt: skip
+        if test(arrow_type):
+            return kind
+    if t.is_integer(arrow_type):
+        wide = arrow_type.bit_width > 32 or (
+            arrow_type.bit_width == 32 and t.is_unsigned_integer(arrow_type)
+        )
+        return DataType.long if wide else DataType.integer
+    return AnyType()
+
+
+@functools.cache
+def _folder_dataset_class() -> type:
+    """An MLflow dataset known by its metadata only: digest, source, schema and a profile
+    (rows, files, bytes); defined on first use because MLflow's import is slow."""
+    from mlflow.data.meta_dataset import MetaDataset  # mlflow: on first use (start-up speed)
+
+    class FolderDataset(MetaDataset):
+        def __init__(self, source: Any, name: str, digest: str, schema: Any, profile: dict) -> None:
+            self._profile = profile
+            super().__init__(source, name=name, digest=digest, schema=schema)
+
+        @property
+        def profile(self) -> dict:
+            return self._profile
+
+        def to_dict(self) -> dict[str, str]:
+            return {**super().to_dict(), "profile": json.dumps(self._profile)}
+
+    return FolderDataset
+
+
+def folder_dataset(folder: Path, context: str) -> Any:
+    """The MLflow dataset of the Parquet data a stage reads for ``context`` (``training``,
+    ``validation``, ``test``) in ``folder``, without reading its rows.
+
+    A shard folder (with ``manifest.json``) gives the context's split of the manifest: its
+    files' sha256 make the digest and their rows the count. Any other folder gives its Parquet
+    files: the digest is the sha256 of their bytes in order (no names: Spark names its files
+    anew on every write), the row count comes from their footers. The schema is the first
+    file's; the source is the folder."""
+    import pyarrow.parquet as pq  # pyarrow: only when a dataset is logged
+    from mlflow.data.dataset_source_registry import resolve_dataset_source  # likewise
+    from mlflow.types.schema import ColSpec, Schema  # likewise
+
+    folder = folder.resolve()
+    manifest_path = folder / MANIFEST
+    if manifest_path.exists():
+        split = MANIFEST_SPLITS.get(context, context)
+        entry = json.loads(manifest_path.read_text())["splits"][split]
+        files = [folder / e["path"] for e in entry["files"]]
+        hashes = [e["sha256"] for e in entry["files"]]
+        rows = int(entry["rows"])
+        name = f"{split} shards"
+    else:
+        files = [p for p in data_files(folder) if p.suffix == ".parquet"]
+        hashes = [_sha256_file(p) for p in files]
+        rows = sum(pq.ParquetFile(p).metadata.num_rows for p in files)
+        name = f"{folder.name} split"
+    if not files:
+        raise FileNotFoundError(f"{folder}: no Parquet files for {context}")
+    arrow = pq.read_schema(files[0])
+    schema = Schema([ColSpec(_column_type(f.type), f.name) for f in arrow])
+    digest = hashlib.sha256("\n".join(hashes).encode()).hexdigest()[:10]
+    profile = {
+        "num_rows": rows,
+        "num_files": len(files),
+        "num_bytes": sum(p.stat().st_size for p in files),
+        "format": "parquet",
+    }
+    with warnings.catch_warnings():  # "" and file:// are both the local source: it says so
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(str(folder))
+    return _folder_dataset_class()(source, name, digest, schema, profile)
+
+
 class Tracker:
     """Parent and child runs of one pipeline run."""
 
@@ -98,6 +220,8 @@ class Tracker:
 
         self.mlflow = mlflow
         self.parent_id: str | None = None
+        self.datasets: dict[str, tuple[str, str, int]] = {}
+        """``context -> (name, digest, rows)`` of the datasets logged so far (the description)."""
 
     @contextmanager
     def parent(
@@ -114,6 +238,7 @@ class Tracker:
             run_name=f"zipfline {run_date}", tags=tags, log_system_metrics=True
         ) as run:
             self.parent_id = run.info.run_id
+            self.datasets = {}
             self.mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
             yield run.info.run_id
 
@@ -176,6 +301,8 @@ class Tracker:
 
             with quiet_pyfunc():
                 mlflow.pyfunc.log_model(name="model", **pyfunc_kwargs(stage_dir / result.model))
+        if datasets:
+            self.log_datasets(datasets)
         if name in PROMOTED_STAGES and self.parent_id:
             client = mlflow.tracking.MlflowClient()
             for key, value in _finite(result.metrics).items():
@@ -185,6 +312,33 @@ class Tracker:
             for key, value in result.tags.items():
                 client.set_tag(self.parent_id, key, value)
 
+    def log_datasets(self, datasets: dict[str, Path]) -> None:
+        """Each ``context -> folder`` as a dataset input of the active run (the stage's) and of
+        the parent run, whose page then lists the data the pipeline trained and was judged on.
+        A folder that cannot be described is a warning, not a failed run."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag  # mlflow: on first use
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT  # likewise
+
+        mlflow = self.mlflow
+        inputs = []
+        for context, folder in datasets.items():
+            try:
+                dataset = folder_dataset(Path(folder), context)
+            except (OSError, KeyError, ValueError) as exc:  # pyarrow's errors are among these
+                log.warning("MLflow: %s dataset %s not logged (%s)", context, folder, exc)
+                continue
+            mlflow.log_input(dataset, context=context)
+            self.datasets[context] = (dataset.name, dataset.digest, dataset.profile["num_rows"])
+            d = dataset.to_dict()
+            entity = Dataset(
+                name=d["name"], digest=d["digest"], source_type=d["source_type"],
+                source=d["source"], schema=d.get("schema"), profile=d.get("profile"),
+            )  # fmt: skip
+            inputs.append(DatasetInput(entity, [InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+        active = mlflow.active_run()
+        if inputs and self.parent_id and (active is None or active.info.run_id != self.parent_id):
+            mlflow.tracking.MlflowClient().log_inputs(self.parent_id, datasets=inputs)
+
     def set_parent_tags(self, tags: dict[str, str]) -> None:
         """Tags on the pipeline's parent run (the registry's verdict)."""
         if self.parent_id:
@@ -193,31 +347,47 @@ class Tracker:
                 client.set_tag(self.parent_id, key, value)
 
     def describe_parent(self, summary: Any) -> None:
-        """A short description of the run's result on the parent run (the UI's description):
-        which stages ran and which were reused, the test error, the registry's verdict."""
+        """A short description of the run's result on the parent run (``mlflow.note.content``,
+        the run page's Description, whose first lines show): which stages ran and which were
+        reused, the test error, the registry's verdict, training, the data (as the dataset inputs
+        name them)."""
         ran = [s for s in summary.results if s not in summary.skipped]
-        lines = [
-            f"zipfline run {summary.run_date}: ran {', '.join(ran) or 'nothing'}"
-            + (f"; reused {', '.join(summary.skipped)}" if summary.skipped else "")
-            + f" ({summary.seconds:.0f} s)."
-        ]
+        head = f"Pipeline run {summary.run_date} in {summary.seconds:.0f} s: "
+        if not ran:
+            head += "every stage reused (same settings and inputs)"
+        else:
+            head += f"ran {', '.join(ran)}"
+            if summary.skipped:
+                head += f"; reused {', '.join(summary.skipped)} (same settings and inputs)"
+        lines = [head + "."]
         ev = summary.results.get("evaluate")
         if ev and "test_error" in ev.metrics:
             m = ev.metrics
             lines.append(
-                f"test_error {m['test_error']:.4f}, weighted {m['test_error_weighted']:.4f}, "
-                f"breadth {m.get('breadth', float('nan')):.3f}."
+                f"Test: test_error {m['test_error']:.4f}, test_error_weighted "
+                f"{m['test_error_weighted']:.4f}, breadth {m.get('breadth', float('nan')):.3f}."
+            )
+        if summary.promotion:
+            p = summary.promotion
+            verdict = "is the new champion" if p.get("promotion") == "accepted" else "not promoted"
+            lines.append(
+                f"Registry: version {p.get('model_version')} {verdict} "
+                f"({p.get('promotion_reason')})."
             )
         tr = summary.results.get("train")
         if tr and "samples_per_s" in tr.metrics:
             lines.append(
-                f"train: {int(tr.metrics.get('steps', 0))} steps at "
+                f"Training: {int(tr.metrics.get('steps', 0))} steps at "
                 f"{tr.metrics['samples_per_s']:,.0f} samples/s, stopped by "
                 f"{tr.tags.get('stopped_by', '?')}."
             )
-        if summary.promotion:
+        if self.datasets:
             lines.append(
-                f"registry: version {summary.promotion.get('model_version')} "
-                f"{summary.promotion.get('promotion')} ({summary.promotion.get('promotion_reason')})."
+                "Data: "
+                + ", ".join(
+                    f"{name} {digest} ({context}, {rows:,} rows)"
+                    for context, (name, digest, rows) in self.datasets.items()
+                )
+                + "."
             )
         self.set_parent_tags({"mlflow.note.content": "\n".join(lines)})
