@@ -68,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ret = sub.add_parser("retrain", help="the cron entry: run the pipeline if anything is new")
     _common(ret)
-    ret.add_argument("--force", action="store_true", help="run even if nothing new arrived")
+    ret.add_argument("--force", action="store_true",
+                     help="run even if nothing new arrived, and redo every stage")  # fmt: skip
+    # the pipeline run of a retrain, in its child process: where to write its outcome
+    ret.add_argument("--child-result", metavar="PATH", help=argparse.SUPPRESS)
     ret.set_defaults(handler=cmd_retrain)
 
     lab = sub.add_parser("label", help="labels for selected queries: zipfline label import PATH")
@@ -109,57 +112,102 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
-    """Lock, check the watermark, run the whole pipeline (``trigger=cron``) under the budget,
-    log one line to ``<data.root>/retrain.log``, move the watermark."""
-    import signal
+    """Lock, check the watermark, run the whole pipeline (``trigger=cron``) in a child process
+    under ``retrain.budget_s``, log one line to ``<data.root>/retrain.log``, move the watermark.
 
-    from core.errors import StageError
-    from core.layout import RunContext
-    from pipelines.flow import run_pipeline
-    from pipelines.retrain import Busy, log_line, retrain_lock, something_new, write_watermark
+    The lock is held by this process for the whole retrain; the run itself is ``zipfline
+    retrain --child-result PATH`` (a hidden option), in its own process group, which this
+    process ends whole if it outlives the budget (``pipelines.retrain.run_with_budget``)."""
+    if args.child_result:
+        return _retrain_child(args)
+    # start-up speed: the retrain pieces import hashing and the data layout
+    from pipelines.retrain import (
+        RESULT_FILE,
+        Busy,
+        RunFailed,
+        log_line,
+        read_result,
+        retrain_lock,
+        run_with_budget,
+        something_new,
+        write_watermark,
+    )
 
     cfg = _config(args)
     root = Path(cfg.data.root).expanduser().resolve()
     try:
-        with retrain_lock(root) as lock:
-            if lock.took_over:
-                print(f"zipfline retrain: took over a stale lock left by pid {lock.took_over}",
-                      file=sys.stderr)  # fmt: skip
+        with retrain_lock(root):
             new, fp, last = something_new(cfg)
             if not new and not args.force:
                 since = f" since {last['finished_at']} (run {last['run_id']})" if last else ""
                 print(f"zipfline retrain: nothing new{since}; nothing to do")
                 log_line(root, "nothing new")
                 return 0
-
-            def over_budget(signum: int, frame: object) -> None:
-                raise StageError(
-                    f"retrain: over its budget of retrain.budget_s = {cfg.retrain.budget_s:g} s"
-                )
-
-            previous = signal.signal(signal.SIGALRM, over_budget)
-            signal.alarm(max(1, int(cfg.retrain.budget_s)))
+            result_path = root / RESULT_FILE
+            result_path.unlink(missing_ok=True)
+            child = [sys.executable, "-m", "pipelines", "retrain", "--env", args.env,
+                     *[a for item in args.overrides for a in ("--set", item)],
+                     "--child-result", str(result_path)]  # fmt: skip
+            child += ["--force"] * args.force + ["--verbose"] * args.verbose
+            sys.stdout.flush()  # the child writes to the same stdout and stderr
+            sys.stderr.flush()
             try:
-                ctx = RunContext(cfg, force=True)  # new data under today's date: redo every stage
-                summary = run_pipeline(ctx, trigger="cron")
-            except Exception as exc:
-                log_line(root, f"failed: {one_line(exc)}")
+                code = run_with_budget(child, cfg.retrain.budget_s)
+            except ZipflineError as exc:  # over its budget, or this process was stopped
+                log_line(root, f"failed: {exc}")
                 raise
-            finally:
-                signal.alarm(0)
-                signal.signal(signal.SIGALRM, previous)
-            write_watermark(root, fp, summary.run_id)
-            ev = summary.results.get("evaluate")
-            error = f" test_error {ev.metrics['test_error']:.4f}" if ev else ""
-            verdict = (
-                f" promotion {summary.promotion.get('promotion')}" if summary.promotion else ""
-            )
-            log_line(root, f"ok run {summary.run_id}{error}{verdict}")
-            print(format_summary(summary, cfg))
+            result = read_result(result_path)
+            result_path.unlink(missing_ok=True)
+            if code != 0 or "run_id" not in result:
+                ended = f"signal {-code}" if code < 0 else f"exit code {code}"
+                error = result.get("error") or (
+                    f"retrain: the pipeline run ended with {ended} and left no result"
+                )
+                log_line(root, f"failed: {error}")
+                raise RunFailed(result.get("message", error), result.get("exit_code", 1))
+            write_watermark(root, fp, result["run_id"])
+            test_error = result.get("test_error")
+            error = f" test_error {test_error:.4f}" if test_error is not None else ""
+            verdict = f" promotion {result['promotion']}" if result.get("promotion") else ""
+            log_line(root, f"ok run {result['run_id']}{error}{verdict}")
+            print(result["summary"])
             return 0
     except Busy as busy:
-        print(f"zipfline retrain: another retrain is running (pid {busy.args[0]}); exiting")
+        pid = f" (pid {busy.args[0]})" if busy.args and busy.args[0] else ""
+        print(f"zipfline retrain: another retrain is running{pid}; exiting")
         return 0
+
+
+def _retrain_child(args: argparse.Namespace) -> int:
+    """The pipeline run of a retrain (``trigger=cron``), in the child process that
+    :func:`cmd_retrain` started; its outcome goes to ``--child-result`` for the parent."""
+    # start-up speed: the pipeline's imports (Spark, torch, MLflow) only for a run
+    from core.layout import RunContext
+    from pipelines.flow import run_pipeline
+    from pipelines.retrain import write_result
+
+    path = Path(args.child_result)
+    try:
+        cfg = _config(args)
+        # forced only by retrain --force: otherwise a stage reruns when its inputs changed
+        summary = run_pipeline(RunContext(cfg, force=args.force), trigger="cron")
+    except Exception as exc:  # the parent says it, in the one line _guarded would print
+        if args.verbose:
+            traceback.print_exc()
+        if isinstance(exc, ZipflineError):
+            message, code = str(exc), exc.exit_code
+        else:
+            message, code = f"{one_line(exc)} (rerun with --verbose for the traceback)", 1
+        write_result(path, {"error": one_line(exc), "message": message, "exit_code": code})
+        return code
+    ev = summary.results.get("evaluate")
+    write_result(path, {
+        "run_id": summary.run_id,
+        "test_error": ev.metrics["test_error"] if ev else None,
+        "promotion": summary.promotion.get("promotion") if summary.promotion else None,
+        "summary": format_summary(summary, cfg),
+    })  # fmt: skip
+    return 0
 
 
 def cmd_label_import(args: argparse.Namespace) -> int:
