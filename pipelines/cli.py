@@ -279,7 +279,8 @@ def format_summary(summary, cfg: Config) -> str:  # noqa: ANN001
         f"data:     {Path(cfg.data.root).resolve() / summary.run_date}",
         "report:   zipfline report        (or --json)",
         f"UI:       make ui   (mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, "
-        "then http://127.0.0.1:5000)",
+        f"then http://127.0.0.1:5000/#/experiments/{summary.experiment_id}/runs/{summary.run_id}"
+        "?workflowType=machine_learning)",
     ]
     return "\n".join(lines)
 

@@ -58,7 +58,9 @@ def run_pipeline(
     tracker = Tracker(ctx.cfg.tracking)
     t0 = time.monotonic()
     with tracker.parent(ctx.run_date, trigger, flatten(ctx.cfg.to_dict())) as run_id:
-        run = PipelineRun(ctx, tracker, RunSummary(run_id=run_id, run_date=ctx.run_date))
+        run = PipelineRun(
+            ctx, tracker, RunSummary(run_id, ctx.run_date, tracker.experiment.experiment_id)
+        )
         names = [st.name for st in chosen]
         print(f"zipfline run {ctx.run_date}: {' → '.join(names)}  (data under {ctx.run_dir})",
               file=sys.stderr, flush=True)  # fmt: skip

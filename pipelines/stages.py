@@ -44,6 +44,7 @@ class RunSummary:
 
     run_id: str
     run_date: str
+    experiment_id: str = ""
     results: dict[str, StageResult] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     seconds: float = 0.0
