@@ -31,11 +31,9 @@ def main() -> None:
     warnings.filterwarnings("ignore", message="Sparse invariant checks")
     torch.set_num_threads(1)
     cfg = load_config()
-    train = {"optimizer": cfg.train.optimizer, "lr": cfg.train.lr,
-             "dense_optimizer": cfg.train.dense_optimizer, "dense_lr": cfg.train.dense_lr}  # fmt: skip
     spec = ModelSpec(cfg.featurizer.num_buckets, cfg.model.dim, cfg.model.hidden, args.classes)
     model = NgramClassifier(spec, sparse=True)
-    optimizers = build_optimizers(model, train)
+    optimizers = build_optimizers(model, cfg.train)
     every_row = torch.arange(spec.num_buckets)
     offsets = torch.arange(0, spec.num_buckets, 1024)
     F.cross_entropy(

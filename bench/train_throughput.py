@@ -33,9 +33,10 @@ from core.config import load_config
 from core.layout import RunContext
 from pipelines.flow import run_pipeline
 from trainers.evaluate import TestSet, evaluate, read_test_split
-from trainers.featurizer import Featurizer, normalize_query
+from trainers.featurizer import normalize_query
 from trainers.launch import launch_distributor
 from trainers.serving import Predictor
+from trainers.spec import TrainSpec
 
 
 def _test_accuracy(test_df: pd.DataFrame, labels: list[str], probs: np.ndarray) -> float:
@@ -46,23 +47,12 @@ def _test_accuracy(test_df: pd.DataFrame, labels: list[str], probs: np.ndarray) 
 def run_zipfline(
     cfg, shard_dir: Path, out: Path, precision: str, workers: int, mode: str = "sync"
 ) -> dict:
-    spec = {
-        "shard_dir": str(shard_dir),
-        "out_dir": str(out),
-        "checkpoint_dir": None,
-        "train": dataclasses.asdict(cfg.train)
-        | {
-            "precision": precision,
-            "world_size": workers,
-            "tolerance": -1e9,
-            "time_budget_s": 1e9,
-            "checkpoint_every": 0,
-            "mode": mode,
-        },
-        "model": {"dim": cfg.model.dim, "hidden": list(cfg.model.hidden)},
-        "featurizer": Featurizer.from_config(cfg.featurizer).settings(),
-    }
-    return launch_distributor(spec, workers, local_mode=True, use_gpu=False)
+    """``train.epochs`` epochs, no early stop, no checkpoints, TorchDistributor local mode."""
+    spec = TrainSpec.from_config(cfg, shard_dir, out).with_train(
+        precision=precision, world_size=workers, mode=mode, time_budget_s=1e9,
+        checkpoint_every=0, local_mode=True, use_gpu=False,
+    )  # fmt: skip
+    return launch_distributor(dataclasses.replace(spec, early_stop=False))
 
 
 def run_fasttext(

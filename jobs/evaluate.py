@@ -30,6 +30,7 @@ from trainers.data import load_manifest
 from trainers.evaluate import TestSet, confusions, evaluate, read_test_split
 from trainers.plots import bucket_accuracy, decomposition_bar, learning_curve
 from trainers.serving import quiet_pyfunc
+from trainers.spec import TrainSpec
 
 STAGE = "evaluate"
 METRICS_FILE = "metrics.json"
@@ -66,16 +67,18 @@ def bayes_logloss(test: TestSet, truth: pd.DataFrame) -> float | None:
 def error_decomposition(
     ctx: RunContext, test_df: pd.DataFrame, metrics: dict[str, float]
 ) -> tuple[dict[str, float], dict[str, str], list[dict]]:
-    """Reference runs (cached under ``<data.root>/_reference_cache``) and the decomposition."""
+    """Reference runs (cached under ``<data.root>/_reference_cache``) and the decomposition:
+    the train stage's spec, each run one process trained towards convergence."""
+    # Dask and the reference runs: only when the decomposition is on (evaluate starts faster)
     from trainers.decompose import FRACTIONS, cache_key, decomposition, run_references
 
     cfg = ctx.cfg.eval
-    train_dir = ctx.require("train")
-    spec = json.loads((train_dir / TRAIN_SPEC_FILE).read_text())
-    manifest = load_manifest(Path(spec["shard_dir"]))
-    spec["train"] = dict(spec["train"], time_budget_s=cfg.reference_budget_s,
-                         epochs=cfg.reference_epochs, tolerance=cfg.reference_tolerance,
-                         world_size=1, mode="sync")  # fmt: skip
+    trained = TrainSpec.read(ctx.require("train") / TRAIN_SPEC_FILE)
+    manifest = load_manifest(Path(trained.shard_dir))
+    spec = trained.with_train(
+        time_budget_s=cfg.reference_budget_s, epochs=cfg.reference_epochs,
+        tolerance=cfg.reference_tolerance, world_size=1, mode="sync",
+    )  # fmt: skip
     key = cache_key(manifest, spec, {"fractions": FRACTIONS, "test": _test_fingerprint(test_df)})
     cache = Path(ctx.cfg.data.root).expanduser().resolve() / "_reference_cache" / f"{key}.json"
     if cache.exists():

@@ -12,11 +12,10 @@ from __future__ import annotations
 import itertools
 import json
 import sys
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from core.layout import RunContext
+from trainers.spec import TrainSpec
 
 SWEEP_TAG = "sweep"
 
@@ -30,18 +29,20 @@ def grid(ctx: RunContext) -> list[dict[str, Any]]:
     ]
 
 
-def point_spec(base: dict[str, Any], point: dict[str, Any]) -> dict[str, Any]:
+def point_spec(base: TrainSpec, point: dict[str, Any]) -> TrainSpec:
     """The training spec of one point: one process, the point's budget, size and precision."""
-    train = dict(base["train"], time_budget_s=point["time_budget_s"], precision=point["precision"],
-                 world_size=1, mode="sync", epochs=max(base["train"]["epochs"], 50))  # fmt: skip
-    return dict(base, train=train, model=dict(base["model"], dim=point["dim"]))
+    spec = base.with_train(
+        time_budget_s=point["time_budget_s"], precision=point["precision"], world_size=1,
+        mode="sync", epochs=max(base.train.epochs, 50),
+    )  # fmt: skip
+    return spec.with_model(dim=point["dim"])
 
 
 def run_sweep(ctx: RunContext) -> dict[str, Any]:
     """Train and score every point; log the sweep; return the points and the best per budget."""
+    # pandas, MLflow, Dask and the plots: only when a sweep runs (the CLI starts faster)
     import pandas as pd
 
-    from jobs.train import build_spec
     from pipelines.tracking import Tracker
     from trainers.decompose import run_references
     from trainers.evaluate import read_test_split
@@ -50,8 +51,9 @@ def run_sweep(ctx: RunContext) -> dict[str, Any]:
     shard_dir = ctx.require("shard")
     test_frame = read_test_split(ctx.require("split"))
     points = grid(ctx)
-    with tempfile.TemporaryDirectory(prefix="zipfline-sweep-") as tmp:
-        base = build_spec(ctx, Path(tmp), None)
+    out = ctx.run_dir / "sweep"
+    # every point trains into a temporary folder of its own (trainers.decompose.reference_run)
+    base = TrainSpec.from_config(ctx.cfg, shard_dir, out)
     jobs = [(point_spec(base, p), p["fraction"]) for p in points]
     print(f"zipfline sweep {ctx.run_date}: {len(points)} points on Dask "
           f"({ctx.cfg.eval.dask_scheduler or f'LocalCluster, {ctx.cfg.sweep.workers} workers'}) "
@@ -68,7 +70,6 @@ def run_sweep(ctx: RunContext) -> dict[str, Any]:
         mine = [r for r in rows if r["time_budget_s"] == budget]
         best[str(budget)] = min(mine, key=lambda r: r["test_error"])
     tracker = Tracker(ctx.cfg.tracking)
-    out = ctx.run_dir / "sweep"
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps({"points": rows, "best": best}, indent=2))
     tradeoff(rows, out / "tradeoff.png")

@@ -15,11 +15,11 @@ and cached by the data's manifest hash and the model and training settings.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
-import socket
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from trainers.spec import TrainSpec
 
 FRACTIONS = (0.125, 0.25, 0.5, 1.0)
 RISKS = ("test_error", "test_logloss")
@@ -67,38 +69,35 @@ def decompose(
     }
 
 
-def cache_key(manifest: dict[str, Any], spec: dict[str, Any], settings: dict[str, Any]) -> str:
-    """Reference runs depend on the data (its files' hashes), the model and how it trains."""
+def cache_key(manifest: dict[str, Any], spec: TrainSpec, settings: dict[str, Any]) -> str:
+    """Reference runs depend on the data (its files' hashes), the model and how it trains (not
+    on the collective timeout nor on how often it checkpoints)."""
     files = sorted(
         (f["path"], f["sha256"]) for split in manifest["splits"].values() for f in split["files"]
     )
-    train = {k: v for k, v in spec["train"].items() if k not in ("timeout_s", "checkpoint_every")}
-    payload = {"files": files, "model": spec["model"], "featurizer": spec["featurizer"],
-               "train": train, "settings": settings}  # fmt: skip
+    payload = spec.settings_payload(leave_out=("timeout_s", "checkpoint_every"))
+    payload |= {"files": files, "settings": settings}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def reference_run(spec: dict[str, Any], fraction: float, test_frame: Any) -> dict[str, float]:
+def reference_run(spec: TrainSpec, fraction: float, test_frame: Any) -> dict[str, float]:
     """One reference training (one process, gloo on 127.0.0.1) on ``fraction`` of the training
     rows, scored on the test frame; runs inside a Dask worker."""
+    # torch and the trainer: only in the Dask worker
     import torch.distributed as dist
 
     from trainers.evaluate import TestSet, evaluate
-    from trainers.launch import train_worker
+    from trainers.launch import free_port, train_worker
     from trainers.predictor import Predictor
     from trainers.trainer import MODEL_FILE
 
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
                        "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
                        "GLOO_SOCKET_IFNAME": "lo"})  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="zipfline-ref-") as tmp:
-        run_spec = dict(spec, out_dir=tmp, checkpoint_dir=None, train_fraction=fraction)
+        run_spec = dataclasses.replace(
+            spec, out_dir=tmp, checkpoint_dir=None, train_fraction=fraction
+        )
         if dist.is_initialized():  # pragma: no cover - a worker reused after a failure
             dist.destroy_process_group()
         result = train_worker(run_spec)
@@ -133,17 +132,17 @@ def _without_model_code_paths() -> Iterator[None]:
 
 
 def run_references(
-    spec: dict[str, Any] | None,
+    spec: TrainSpec | None,
     test_frame: Any,
     *,
     scheduler: str | None,
     workers: int,
-    jobs: list[tuple[dict[str, Any], float]] | None = None,
+    jobs: list[tuple[TrainSpec, float]] | None = None,
 ) -> list[dict[str, float]]:
     """Single-process trainings in parallel on Dask, scored on ``test_frame``, in order: the
     reference runs of ``spec`` for every fraction, or the given ``(spec, fraction)`` jobs."""
     jobs = jobs if jobs is not None else [(spec, f) for f in FRACTIONS]
-    from dask.distributed import Client, LocalCluster
+    from dask.distributed import Client, LocalCluster  # Dask: only when reference runs are due
 
     for name in ("distributed", "dask"):
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -1,40 +1,61 @@
-"""Launchers: the same ``Trainer`` under TorchDistributor (local or barrier mode) or torchrun."""
+"""Launchers: the same ``Trainer`` under TorchDistributor (local or barrier mode), torchrun, or
+torch.multiprocessing on this machine alone (no Spark: the trainer's tests and benchmarks).
+
+Every launcher hands each process a :class:`~trainers.spec.TrainSpec` (pickled, or read from
+``train_spec.json`` under torchrun); rank 0's result is read from the spec's output folder.
+"""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import os
+import socket
 import sys
+import warnings
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
 from core.errors import StageError
-from trainers.trainer import RESULT_FILE
+from trainers.spec import TrainSpec
+from trainers.trainer import RESULT_FILE, Trainer, select_device
 
 
-def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
+def train_worker(spec: TrainSpec) -> dict[str, Any]:
     """The body of every training process: join the group, train, leave."""
-    import warnings
-
-    import torch
-    import torch.distributed as dist
-
     warnings.filterwarnings("ignore", message="Sparse invariant checks")
-
-    from trainers.trainer import Trainer, select_device
-
     _, backend = select_device(
-        spec["train"]["use_gpu"], int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.is_available()
+        spec.train.use_gpu, int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.is_available()
     )
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    dist.init_process_group(backend, timeout=timedelta(seconds=spec["train"]["timeout_s"]))
+    dist.init_process_group(backend, timeout=timedelta(seconds=spec.train.timeout_s))
     try:
         result = Trainer(spec).train()
     finally:
         dist.destroy_process_group()
     return result
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def read_result(spec: TrainSpec) -> dict[str, Any]:
+    """Rank 0's result, from the output folder every launcher shares."""
+    result_path = Path(spec.out_dir) / RESULT_FILE
+    if not result_path.exists():
+        raise StageError(f"training finished without writing {result_path}")
+    return json.loads(result_path.read_text())
 
 
 @contextmanager
@@ -58,28 +79,51 @@ def _loopback_env(local_mode: bool):  # noqa: ANN202
                 os.environ[key] = value
 
 
-def launch_distributor(
-    spec: dict[str, Any], world_size: int, *, local_mode: bool, use_gpu: bool
-) -> dict[str, Any]:
-    """Run :func:`train_worker` on ``world_size`` processes through Spark's TorchDistributor and
-    return rank 0's result (read from the output folder, which every launcher shares)."""
-    from pyspark.ml.torch.distributor import TorchDistributor
+def launch_distributor(spec: TrainSpec) -> dict[str, Any]:
+    """Run :func:`train_worker` on ``train.world_size`` processes through Spark's
+    TorchDistributor (``train.local_mode``: on the driver, else as barrier tasks; GPUs when
+    ``train.use_gpu``) and return rank 0's result."""
+    from pyspark.ml.torch.distributor import TorchDistributor  # pyspark.ml: only when training
 
-    distributor = TorchDistributor(num_processes=world_size, local_mode=local_mode, use_gpu=use_gpu)
-    with _loopback_env(local_mode):
+    t = spec.train
+    distributor = TorchDistributor(
+        num_processes=t.world_size, local_mode=t.local_mode, use_gpu=t.use_gpu
+    )
+    with _loopback_env(t.local_mode):
         try:
             distributor.run(train_worker, spec)
         except Exception as exc:  # the distributor raises RuntimeError with the output tail
-            mode = "local" if local_mode else "barrier"
+            mode = "local" if t.local_mode else "barrier"
             raise StageError(
-                f"training failed: TorchDistributor ({mode} mode, {world_size} processes) "
+                f"training failed: TorchDistributor ({mode} mode, {t.world_size} processes) "
                 f"{type(exc).__name__}: {str(exc)[-1500:]} (the processes' output is above; rerun "
                 "to resume from the last checkpoint)"
             ) from exc
-    result_path = Path(spec["out_dir"]) / RESULT_FILE
-    if not result_path.exists():
-        raise StageError(f"training finished without writing {result_path}")
-    return json.loads(result_path.read_text())
+    return read_result(spec)
+
+
+def _spawned_worker(rank: int, spec: TrainSpec, port: int) -> None:
+    """One process of :func:`launch_processes`: torchrun's environment, then the worker."""
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "LOCAL_RANK": str(rank),
+                       "WORLD_SIZE": str(spec.train.world_size)})  # fmt: skip
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    train_worker(spec)
+
+
+def launch_processes(spec: TrainSpec) -> dict[str, Any]:
+    """Run :func:`train_worker` on ``train.world_size`` processes of this machine, started by
+    torch.multiprocessing (spawn) and meeting on 127.0.0.1, without Spark; return rank 0's
+    result. A rank that fails or dies stops the others and raises ``StageError``."""
+    try:
+        mp.spawn(_spawned_worker, args=(spec, free_port()), nprocs=spec.train.world_size, join=True)
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
+        raise StageError(
+            f"training failed: {spec.train.world_size} local processes: {str(exc)[-1500:]} "
+            "(rerun to resume from the last checkpoint)"
+        ) from exc
+    return read_result(spec)
 
 
 def torchrun_main(argv: list[str] | None = None) -> int:
@@ -87,16 +131,13 @@ def torchrun_main(argv: list[str] | None = None) -> int:
     standalone (multi-node) launch of the same worker from the spec the train stage wrote.
     ``--out`` (default: ``torchrun/`` beside the spec) receives the model, the result and the
     checkpoints, so a relaunch with the same ``--out`` resumes."""
-    import argparse
-
     parser = argparse.ArgumentParser(prog="python -m trainers.launch")
     parser.add_argument("spec", type=Path)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    spec = json.loads(args.spec.read_text())
+    spec = TrainSpec.read(args.spec)
     out = args.out or args.spec.parent / "torchrun"
-    spec["out_dir"] = str(out)
-    spec["checkpoint_dir"] = str(out / "checkpoints")
+    spec = dataclasses.replace(spec, out_dir=str(out), checkpoint_dir=str(out / "checkpoints"))
     result = train_worker(spec)
     if int(os.environ.get("RANK", "0")) == 0:
         print(

@@ -27,9 +27,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from core.config import TrainConfig
 from core.errors import ConfigError
 from trainers.data import check_featurizer, load_manifest, read_split
-from trainers.model import ModelSpec, NgramClassifier
+from trainers.model import NgramClassifier
+from trainers.spec import TrainSpec
 
 MODEL_FILE = "model.pt"
 RESULT_FILE = "train_result.json"
@@ -41,6 +43,11 @@ KEEP_CHECKPOINTS = 2
 # Fault injection for the resume test: this rank kills itself at this step (first attempt only).
 FAULT_RANK_ENV = "ZIPFLINE_FAULT_KILL_RANK"
 FAULT_STEP_ENV = "ZIPFLINE_FAULT_KILL_AT_STEP"
+
+
+def kill_this_process() -> None:
+    """The injected fault: this process dies at once, as a crashed worker does (no cleanup)."""
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass(frozen=True)
@@ -81,24 +88,23 @@ def select_device(use_gpu: bool, local_rank: int, cuda_available: bool) -> tuple
     return torch.device("cpu"), "gloo"
 
 
-def build_optimizers(model: NgramClassifier, cfg: dict[str, Any]) -> list[torch.optim.Optimizer]:
+def build_optimizers(model: NgramClassifier, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
     """One optimizer for the embedding table (fit for sparse gradients), one for the rest."""
     sparse = model.embedding.sparse
     emb = [model.embedding.weight]
     dense = [p for name, p in model.named_parameters() if not name.startswith("embedding.")]
-    kind = cfg["optimizer"]
-    if kind == "sparse_adam" and not sparse:
+    if cfg.optimizer == "sparse_adam" and not sparse:
         raise ConfigError("train.optimizer = sparse_adam needs a sparse embedding (CPU training)")
     embedding_opt = {
-        "adagrad": lambda: torch.optim.Adagrad(emb, lr=cfg["lr"]),
-        "sgd": lambda: torch.optim.SGD(emb, lr=cfg["lr"]),
-        "sparse_adam": lambda: torch.optim.SparseAdam(emb, lr=cfg["lr"]),
-    }[kind]()
+        "adagrad": lambda: torch.optim.Adagrad(emb, lr=cfg.lr),
+        "sgd": lambda: torch.optim.SGD(emb, lr=cfg.lr),
+        "sparse_adam": lambda: torch.optim.SparseAdam(emb, lr=cfg.lr),
+    }[cfg.optimizer]()
     dense_opt = {
-        "adagrad": lambda: torch.optim.Adagrad(dense, lr=cfg["dense_lr"]),
-        "sgd": lambda: torch.optim.SGD(dense, lr=cfg["dense_lr"], momentum=0.9),
-        "adam": lambda: torch.optim.Adam(dense, lr=cfg["dense_lr"]),
-    }[cfg["dense_optimizer"]]()
+        "adagrad": lambda: torch.optim.Adagrad(dense, lr=cfg.dense_lr),
+        "sgd": lambda: torch.optim.SGD(dense, lr=cfg.dense_lr, momentum=0.9),
+        "adam": lambda: torch.optim.Adam(dense, lr=cfg.dense_lr),
+    }[cfg.dense_optimizer]()
     return [embedding_opt, dense_opt]
 
 
@@ -114,15 +120,14 @@ def lr_factor(step: int, total: int, schedule: str, warmup: int) -> float:
     return 1.0
 
 
-def spec_fingerprint(spec: dict[str, Any], manifest: dict[str, Any]) -> str:
-    """What a checkpoint must agree with to be resumed: data, model, and how it trains."""
-    keep = {
-        k: v for k, v in spec["train"].items() if k not in ("time_budget_s", "epochs", "timeout_s")
-    }
-    payload = {
-        "train": keep,
-        "model": spec["model"],
-        "featurizer": spec["featurizer"],
+# How long and how far a run goes does not change what a checkpoint holds.
+NOT_IN_FINGERPRINT = ("time_budget_s", "epochs", "timeout_s")
+
+
+def spec_fingerprint(spec: TrainSpec, manifest: dict[str, Any]) -> str:
+    """What a checkpoint must agree with to be resumed: data, model, and how it trains (not
+    the budget, the epochs nor the collective timeout)."""
+    payload = spec.settings_payload(leave_out=NOT_IN_FINGERPRINT) | {
         "shards": [f["sha256"] for s in manifest["splits"].values() for f in s["files"]],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
@@ -131,37 +136,30 @@ def spec_fingerprint(spec: dict[str, Any], manifest: dict[str, Any]) -> str:
 class Trainer:
     """Train, evaluate and checkpoint one rank's part of a data-parallel run."""
 
-    def __init__(self, spec: dict[str, Any]) -> None:
+    def __init__(self, spec: TrainSpec) -> None:
         self.spec = spec
-        self.cfg = spec["train"]
+        self.cfg = spec.train
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.device, _ = select_device(self.cfg["use_gpu"], local_rank, torch.cuda.is_available())
-        self.precision = select_precision(self.cfg["precision"], self.device.type)
-        shard_dir = Path(spec["shard_dir"])
+        self.device, _ = select_device(self.cfg.use_gpu, local_rank, torch.cuda.is_available())
+        self.precision = select_precision(self.cfg.precision, self.device.type)
+        shard_dir = Path(spec.shard_dir)
         manifest = load_manifest(shard_dir)
-        check_featurizer(manifest, spec["featurizer"], str(shard_dir))
+        check_featurizer(manifest, spec.featurizer_settings(), str(shard_dir))
         self.fingerprint = spec_fingerprint(spec, manifest)
         self.labels: list[str] = manifest["labels"]
         self.train_data = read_split(shard_dir, "train", self.rank, self.world_size)
         # reference runs of the error decomposition learn from a seeded share of the rows
-        self.train_data = self.train_data.sample(
-            float(spec.get("train_fraction", 1.0)), int(self.cfg["seed"]) + self.rank
-        )
+        self.train_data = self.train_data.sample(spec.train_fraction, self.cfg.seed + self.rank)
         self.val_data = read_split(shard_dir, "validation", self.rank, self.world_size)
-        torch.manual_seed(self.cfg["seed"])
-        self.model_spec = ModelSpec(
-            num_buckets=spec["featurizer"]["num_buckets"],
-            dim=spec["model"]["dim"],
-            hidden=tuple(spec["model"]["hidden"]),
-            num_classes=max(len(self.labels), 1),
-        )
+        torch.manual_seed(self.cfg.seed)
+        self.model_spec = spec.model_spec(num_classes=max(len(self.labels), 1))
         # NCCL cannot all-reduce sparse gradients: dense embedding gradients on GPUs.
         model = NgramClassifier(self.model_spec, sparse=self.device.type == "cpu")
         self.model = model.to(self.device, dtype=self.precision.param_dtype)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        self.local_sgd = self.cfg["mode"] == "local_sgd"
+        self.local_sgd = self.cfg.mode == "local_sgd"
         # Local SGD steps each replica alone and averages them now and then; sync mode lets DDP
         # all-reduce the gradients of every step.
         self.ddp = (
@@ -176,7 +174,7 @@ class Trainer:
         self.optimizers = build_optimizers(self.model, self.cfg)
         self.base_lrs = [[g["lr"] for g in opt.param_groups] for opt in self.optimizers]
         self.scaler = torch.amp.GradScaler("cuda") if self.precision.use_scaler else None
-        self.checkpoint_dir = Path(spec["checkpoint_dir"]) if spec.get("checkpoint_dir") else None
+        self.checkpoint_dir = Path(spec.checkpoint_dir) if spec.checkpoint_dir else None
         self.step = 0
         self.epoch = 0
         self.step_in_epoch = 0
@@ -206,9 +204,7 @@ class Trainer:
         return (losses * w).sum() / w.sum().clamp(min=1e-12)
 
     def _set_lr(self) -> None:
-        factor = lr_factor(
-            self.step, self.total_steps, self.cfg["lr_schedule"], self.cfg["warmup_steps"]
-        )
+        factor = lr_factor(self.step, self.total_steps, self.cfg.lr_schedule, self.cfg.warmup_steps)
         for opt, bases in zip(self.optimizers, self.base_lrs, strict=True):
             for group, base in zip(opt.param_groups, bases, strict=True):
                 group["lr"] = base * factor
@@ -309,7 +305,7 @@ class Trainer:
         return bool(vote.item() > 0)
 
     def _steps_per_epoch(self) -> int:
-        local = torch.tensor([math.ceil(self.train_data.num_rows / self.cfg["batch_size"])],
+        local = torch.tensor([math.ceil(self.train_data.num_rows / self.cfg.batch_size)],
                              device=self.device)  # fmt: skip
         dist.all_reduce(local, op=dist.ReduceOp.MIN)  # every rank must take the same steps
         return int(local.item())
@@ -397,30 +393,30 @@ class Trainer:
             and os.environ.get(FAULT_RANK_ENV) == str(self.rank)
             and os.environ.get(FAULT_STEP_ENV) == str(self.step)
         ):
-            os.kill(os.getpid(), signal.SIGKILL)
+            kill_this_process()
 
     # --- the loop -----------------------------------------------------------------------
 
     def train(self) -> dict[str, Any]:
         """Epochs until the budget, convergence (ρ) or ``epochs``; all ranks stop together."""
-        budget = float(self.cfg["time_budget_s"])
-        batch_size = int(self.cfg["batch_size"])
+        budget = self.cfg.time_budget_s
+        batch_size = self.cfg.batch_size
         self.resume()
         dist.barrier()
         start = time.monotonic() - self.time_used_before
         steps_per_epoch = self._steps_per_epoch()
         if steps_per_epoch == 0:
             raise ConfigError("no training rows on some rank: more data or fewer train.world_size")
-        self.total_steps = steps_per_epoch * self.cfg["epochs"]
-        every = int(self.cfg["checkpoint_every"])
+        self.total_steps = steps_per_epoch * self.cfg.epochs
+        every = self.cfg.checkpoint_every
         stopped_by = self.stopped_by or "epochs"
         step_seconds = probe_seconds = probe_fwd_bwd = probe_steps_seconds = 0.0
         samples = 0
         last_progress = time.monotonic()
         loss = math.nan
-        while self.stopped_by is None and self.epoch < self.cfg["epochs"]:
+        while self.stopped_by is None and self.epoch < self.cfg.epochs:
             epoch = self.epoch
-            order = np.random.default_rng([self.cfg["seed"], epoch, self.rank]).permutation(
+            order = np.random.default_rng([self.cfg.seed, epoch, self.rank]).permutation(
                 self.train_data.num_rows
             )
             out_of_time = False
@@ -444,7 +440,7 @@ class Trainer:
                 if self.step % LOSS_EVERY == 0:
                     self.losses.append((self.step, loss))
                 self._maybe_fault()
-                if self.local_sgd and self.step % self.cfg["sync_every"] == 0:
+                if self.local_sgd and self.step % self.cfg.sync_every == 0:
                     self.average_models()
                 if every and self.step % every == 0:
                     self.save_checkpoint(time.monotonic() - start)
@@ -470,7 +466,7 @@ class Trainer:
             self.step_in_epoch = 0
             improvement = self.best_val - metrics["val_loss"]
             self.best_val = min(self.best_val, metrics["val_loss"])
-            if improvement < self.cfg["tolerance"]:
+            if self.spec.early_stop and improvement < self.cfg.tolerance:
                 stopped_by = "converged"
                 break
             if self._agree(time.monotonic() - start >= budget):
@@ -515,7 +511,7 @@ class Trainer:
         if self.rank == 0:
             self._save(result)
         # Every rank records where it stopped: they must agree (checked by the tests).
-        ranks = Path(self.spec["out_dir"]) / "ranks"
+        ranks = Path(self.spec.out_dir) / "ranks"
         ranks.mkdir(parents=True, exist_ok=True)
         (ranks / f"rank-{self.rank}.json").write_text(
             json.dumps(
@@ -527,14 +523,14 @@ class Trainer:
         return result
 
     def _save(self, result: dict[str, Any]) -> None:
-        out = Path(self.spec["out_dir"])
+        out = Path(self.spec.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to("cpu", torch.float32) for k, v in self.model.state_dict().items()}
         payload = {
             "state_dict": state,
             "model_spec": self.model_spec.to_dict(),
             "labels": self.labels,
-            "featurizer": self.spec["featurizer"],
+            "featurizer": self.spec.featurizer_settings(),
         }
         tmp = out / f".{MODEL_FILE}.tmp"
         torch.save(payload, tmp)

@@ -8,29 +8,25 @@ over training seeds, with real reference runs on a real Dask LocalCluster:
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
 
 from core.layout import RunContext
-from jobs.train import build_spec
 from pipelines.stages import run_stage
 from tests.conftest import config_for
 from trainers.data import load_manifest
 from trainers.decompose import FRACTIONS, decomposition, run_references
+from trainers.spec import TrainSpec
 
 pytestmark = pytest.mark.integration
 SEEDS = (0, 1)
 
 
-def _with(spec, *, seed, dim=None, budget=60.0):
-    train = dict(spec["train"], seed=seed, world_size=1, mode="sync", time_budget_s=budget,
-                 epochs=30, tolerance=1e-4)  # fmt: skip
-    model = dict(spec["model"], dim=dim or spec["model"]["dim"])
-    return dict(spec, train=train, model=model)
+def _with(spec: TrainSpec, *, seed, dim=None, budget=60.0) -> TrainSpec:
+    return spec.with_train(
+        seed=seed, world_size=1, mode="sync", time_budget_s=budget, epochs=30, tolerance=1e-4
+    ).with_model(dim=dim or spec.model.dim)
 
 
 def test_decomposition_terms_move_the_way_they_should(spark, tmp_path):
@@ -40,8 +36,8 @@ def test_decomposition_terms_move_the_way_they_should(spark, tmp_path):
     for stage in ("generate", "ingest", "dedupe", "split", "shard"):  # fmt: skip
         run_stage(ctx, stage)
     test = pd.read_parquet(ctx.stage_dir("split") / "test")
-    with tempfile.TemporaryDirectory() as tmp:
-        base = build_spec(ctx, Path(tmp), None)
+    # every reference run trains into a temporary folder of its own
+    base = TrainSpec.from_config(cfg, ctx.stage_dir("shard"), tmp_path / "train")
     n = int(load_manifest(ctx.stage_dir("shard"))["splits"]["train"]["rows"])
     small = [f / 4 for f in FRACTIONS]  # the same curve on a quarter of the rows
     jobs, keys = [], []

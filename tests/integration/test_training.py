@@ -1,24 +1,30 @@
 """Distributed training for real: 2-process gloo DDP through TorchDistributor (local and barrier
-mode) and torchrun, time budgets, precisions, and resume after a killed rank."""
+mode), torchrun and torch.multiprocessing, time budgets, precisions, resume after a crash and
+after a killed rank; the stop and learning-rate rules run in this process (a group of one)."""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
 from core.errors import StageError
 from core.layout import RunContext
 from pipelines.flow import run_pipeline
 from tests.conftest import config_for
-from trainers.featurizer import Featurizer
-from trainers.launch import launch_distributor
-from trainers.trainer import FAULT_RANK_ENV, FAULT_STEP_ENV
+from trainers import trainer as trainer_module
+from trainers.launch import launch_distributor, launch_processes
+from trainers.spec import TrainSpec
+from trainers.trainer import FAULT_RANK_ENV, FAULT_STEP_ENV, Trainer, lr_factor
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +33,12 @@ DATA = [
     "generate.num_queries=1500",
     "generate.num_labels=6",
     "model.dim=16",
+    # the shards are all these tests need: no data-quality gates, no near-duplicate clustering
+    # (both tested on their own), which makes the fixture faster
+    "dq.enabled=false",
+    "dedupe.near_enabled=false",
 ]
+_stores = itertools.count()
 
 
 @pytest.fixture(scope="module")
@@ -40,26 +51,147 @@ def shards(spark, tmp_path_factory):
     return cfg, ctx.stage_dir("shard")
 
 
-def _spec(cfg, shard_dir: Path, out: Path, **train) -> dict:
-    return {
-        "shard_dir": str(shard_dir),
-        "out_dir": str(out),
-        "checkpoint_dir": str(out / "checkpoints"),
-        "train": dataclasses.asdict(cfg.train) | train,
-        "model": {"dim": cfg.model.dim, "hidden": list(cfg.model.hidden)},
-        "featurizer": Featurizer.from_config(cfg.featurizer).settings(),
-    }
+def _spec(cfg, shard_dir: Path, out: Path, *, early_stop: bool = False, **train) -> TrainSpec:
+    """The config's spec with checkpoints under ``out`` and some ``train.*`` changed; it runs
+    every epoch (no early stop) unless told otherwise."""
+    spec = TrainSpec.from_config(cfg, shard_dir, out, checkpoint_dir=out / "checkpoints")
+    return dataclasses.replace(spec.with_train(**train), early_stop=early_stop)
 
 
 def _ranks(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((out / "ranks").glob("rank-*.json"))]
 
 
+@contextmanager
+def _group_of_one(tmp_path: Path) -> Iterator[None]:
+    """This process as rank 0 of a gloo group of one, meeting through a fresh file store."""
+    store = dist.FileStore(str(tmp_path / f".store-{next(_stores)}"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _train_here(spec: TrainSpec, tmp_path: Path, trainer_cls: type[Trainer] = Trainer):
+    """Train in this process; return the result and the trainer."""
+    with _group_of_one(tmp_path):
+        trainer = trainer_cls(spec)
+        return trainer.train(), trainer
+
+
+# --- in this process ------------------------------------------------------------------------
+
+
+class _Crash(Exception):
+    """The injected fault, raised instead of killing the test process."""
+
+
+def test_resume_after_a_crash(shards, tmp_path, monkeypatch):
+    cfg, shard_dir = shards
+    spec = _spec(cfg, shard_dir, tmp_path, world_size=1, epochs=3, batch_size=64,
+                 checkpoint_every=10, time_budget_s=60)  # fmt: skip
+
+    def crash() -> None:
+        raise _Crash("rank 0 at step 25")
+
+    monkeypatch.setattr(trainer_module, "kill_this_process", crash)
+    monkeypatch.setenv(FAULT_RANK_ENV, "0")
+    monkeypatch.setenv(FAULT_STEP_ENV, "25")
+    with pytest.raises(_Crash):
+        _train_here(spec, tmp_path)
+    assert not dist.is_initialized()
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").glob("ckpt-*.pt"))
+    assert saved == ["ckpt-10.pt", "ckpt-20.pt"]
+    assert not (tmp_path / "model.pt").exists()
+    result, _ = _train_here(spec, tmp_path)  # the same run again
+    assert result["resumed_from_step"] == 20
+    assert result["stopped_by"] == "epochs" and result["epochs_run"] == 3
+    assert result["world_size"] == 1 and result["steps"] > 25
+    assert [r["steps"] for r in _ranks(tmp_path)] == [result["steps"]]
+    assert (tmp_path / "model.pt").exists()
+    # a finished run resumed once more trains no further
+    again, _ = _train_here(spec, tmp_path)
+    assert again["resumed_from_step"] == again["steps"] == result["steps"]
+    assert again["stopped_by"] == "epochs"
+
+
+def test_a_checkpoint_of_other_settings_is_not_resumed(shards, tmp_path):
+    cfg, shard_dir = shards
+    spec = _spec(cfg, shard_dir, tmp_path, world_size=1, epochs=1, checkpoint_every=5)
+    first, _ = _train_here(spec, tmp_path)
+    assert first["resumed_from_step"] is None and first["stopped_by"] == "epochs"
+    # another budget and epoch count: the same checkpoint (a finished run stays finished)
+    same, _ = _train_here(spec.with_train(epochs=2, time_budget_s=30), tmp_path)
+    assert same["resumed_from_step"] == same["steps"] == first["steps"]
+    other, _ = _train_here(spec.with_train(lr=0.1, epochs=2), tmp_path)
+    assert other["resumed_from_step"] is None and other["epochs_run"] == 2
+
+
+def test_a_single_rank_stops_on_the_budget(shards, tmp_path):
+    cfg, shard_dir = shards
+    spec = _spec(cfg, shard_dir, tmp_path, world_size=1, time_budget_s=0.5, epochs=10_000,
+                 batch_size=8, checkpoint_every=0, precision="bf16")  # fmt: skip
+    result, _ = _train_here(spec, tmp_path)
+    assert result["stopped_by"] == "budget" and result["precision"] == "bf16"
+    assert 0.5 <= result["time_used_s"] < 4
+    assert result["steps"] > 0 and result["epochs_run"] >= 1
+    assert (tmp_path / "model.pt").exists()
+
+
+def test_convergence_stops_early_only_when_allowed(shards, tmp_path):
+    cfg, shard_dir = shards
+    # any epoch after the first improves validation loss by less than a tolerance of 100
+    spec = _spec(cfg, shard_dir, tmp_path / "a", world_size=1, epochs=4, tolerance=100.0,
+                 checkpoint_every=0, early_stop=True)  # fmt: skip
+    result, _ = _train_here(spec, tmp_path)
+    assert result["stopped_by"] == "converged" and result["epochs_run"] == 2
+    assert len(result["history"]) == 2
+    spec = _spec(cfg, shard_dir, tmp_path / "b", world_size=1, epochs=4, tolerance=100.0,
+                 checkpoint_every=0, early_stop=False)  # fmt: skip
+    result, _ = _train_here(spec, tmp_path)
+    assert result["stopped_by"] == "epochs" and result["epochs_run"] == 4
+
+
+class _RecordingTrainer(Trainer):
+    """Records both optimizers' learning rates at every step."""
+
+    def __init__(self, spec: TrainSpec) -> None:
+        super().__init__(spec)
+        self.lrs: list[list[float]] = []
+
+    def train_step(self, batch):  # noqa: ANN001, ANN202
+        out = super().train_step(batch)
+        self.lrs.append([opt.param_groups[0]["lr"] for opt in self.optimizers])
+        return out
+
+
+def test_learning_rates_follow_the_schedule(shards, tmp_path):
+    cfg, shard_dir = shards
+    warmup = 3
+    spec = _spec(cfg, shard_dir, tmp_path, world_size=1, epochs=2, batch_size=64,
+                 checkpoint_every=0, lr_schedule="cosine", warmup_steps=warmup, lr=0.4,
+                 dense_optimizer="sgd", dense_lr=0.02)  # fmt: skip
+    result, trainer = _train_here(spec, tmp_path, _RecordingTrainer)
+    assert result["stopped_by"] == "epochs"
+    total = trainer.total_steps
+    assert total == result["steps"] == len(trainer.lrs) > warmup
+    for step, (emb_lr, dense_lr) in enumerate(trainer.lrs):
+        factor = lr_factor(step, total, "cosine", warmup)
+        assert emb_lr == pytest.approx(0.4 * factor) and dense_lr == pytest.approx(0.02 * factor)
+    emb = [lrs[0] for lrs in trainer.lrs]
+    assert emb[:warmup] == sorted(emb[:warmup]) and emb[warmup] == pytest.approx(0.4)
+    assert emb[warmup:] == sorted(emb[warmup:], reverse=True) and emb[-1] < 0.4 / 4
+
+
+# --- several processes ----------------------------------------------------------------------
+
+
 def test_all_ranks_stop_at_the_same_step_under_a_budget(shards, tmp_path):
     cfg, shard_dir = shards
-    spec = _spec(cfg, shard_dir, tmp_path, time_budget_s=1.5, epochs=10_000, batch_size=8,
-                 tolerance=-1e9, precision="bf16")  # fmt: skip
-    result = launch_distributor(spec, 2, local_mode=True, use_gpu=False)
+    spec = _spec(cfg, shard_dir, tmp_path, world_size=2, time_budget_s=1.5, epochs=10_000,
+                 batch_size=8, precision="bf16")  # fmt: skip
+    result = launch_processes(spec)
     assert result["stopped_by"] == "budget"
     assert result["precision"] == "bf16" and result["world_size"] == 2
     assert 1.5 <= result["time_used_s"] < 6
@@ -73,9 +205,9 @@ def test_all_ranks_stop_at_the_same_step_under_a_budget(shards, tmp_path):
 
 def test_local_sgd_averages_the_replicas(shards, tmp_path):
     cfg, shard_dir = shards
-    spec = _spec(cfg, shard_dir, tmp_path, mode="local_sgd", sync_every=7, epochs=3, batch_size=16,
-                 tolerance=-1e9)  # fmt: skip
-    result = launch_distributor(spec, 2, local_mode=True, use_gpu=False)
+    spec = _spec(cfg, shard_dir, tmp_path, world_size=2, mode="local_sgd", sync_every=7,
+                 epochs=3, batch_size=16)  # fmt: skip
+    result = launch_processes(spec)
     ranks = _ranks(tmp_path)
     assert ranks[0]["steps"] == ranks[1]["steps"] == result["steps"]
     # averaged at the end: both replicas hold the same model, and it learned
@@ -84,18 +216,21 @@ def test_local_sgd_averages_the_replicas(shards, tmp_path):
     assert 0 < result["comm_fraction"] < 1
 
 
-def test_resume_after_a_killed_rank(shards, tmp_path, monkeypatch):
+def test_distributor_reports_a_killed_rank_and_the_rerun_resumes(shards, tmp_path, monkeypatch):
+    """TorchDistributor local mode (the train stage's launcher) fails the run when a rank dies;
+    the rerun resumes from the last checkpoint under any launcher (here torch.multiprocessing,
+    which starts faster; the train stage's own runs are in test_flow)."""
     cfg, shard_dir = shards
-    spec = _spec(cfg, shard_dir, tmp_path, epochs=3, batch_size=16, checkpoint_every=10,
-                 tolerance=-1e9, time_budget_s=60, precision="fp64")  # fmt: skip
+    spec = _spec(cfg, shard_dir, tmp_path, world_size=2, local_mode=True, epochs=3,
+                 batch_size=16, checkpoint_every=10, time_budget_s=60, precision="fp64")  # fmt: skip
     monkeypatch.setenv(FAULT_RANK_ENV, "1")
     monkeypatch.setenv(FAULT_STEP_ENV, "25")
     with pytest.raises(StageError, match="rerun to resume"):
-        launch_distributor(spec, 2, local_mode=True, use_gpu=False)
+        launch_distributor(spec)
     saved = sorted(p.name for p in (tmp_path / "checkpoints").glob("ckpt-*.pt"))
     assert saved == ["ckpt-10.pt", "ckpt-20.pt"]
     assert not (tmp_path / "model.pt").exists()
-    result = launch_distributor(spec, 2, local_mode=True, use_gpu=False)  # the same run again
+    result = launch_processes(spec)  # the same run again
     assert result["resumed_from_step"] == 20
     assert result["stopped_by"] == "epochs" and result["epochs_run"] == 3
     ranks = _ranks(tmp_path)
@@ -105,9 +240,7 @@ def test_resume_after_a_killed_rank(shards, tmp_path, monkeypatch):
 def test_torchrun_launch_of_the_same_trainer(shards, tmp_path):
     cfg, shard_dir = shards
     spec_path = tmp_path / "train_spec.json"
-    spec_path.write_text(
-        json.dumps(_spec(cfg, shard_dir, tmp_path / "unused", epochs=2, tolerance=-1e9))
-    )
+    _spec(cfg, shard_dir, tmp_path / "unused", world_size=2, epochs=2).write(spec_path)
     torchrun = Path(sys.executable).with_name("torchrun")
     env = os.environ | {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -128,18 +261,18 @@ def test_barrier_mode_on_a_local_cluster(shards, tmp_path):
     ``local-cluster`` master (a Spark standalone cluster in miniature), in their own driver."""
     cfg, shard_dir = shards
     spec_path = tmp_path / "spec.json"
-    spec_path.write_text(
-        json.dumps(_spec(cfg, shard_dir, tmp_path / "out", epochs=2, tolerance=-1e9))
+    _spec(cfg, shard_dir, tmp_path / "out", world_size=2, local_mode=False, epochs=2).write(
+        spec_path
     )
     code = (
         "import json, sys\n"
         "from core.config import SparkConfig\n"
         "from core.spark import get_spark\n"
         "from trainers.launch import launch_distributor\n"
+        "from trainers.spec import TrainSpec\n"
         "get_spark(SparkConfig(master='local-cluster[2,1,1024]', driver_memory='1g',"
         " conf={'spark.executor.memory': '1g'}))\n"
-        "spec = json.load(open(sys.argv[1]))\n"
-        "print(json.dumps(launch_distributor(spec, 2, local_mode=False, use_gpu=False)))\n"
+        "print(json.dumps(launch_distributor(TrainSpec.read(sys.argv[1]))))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code, str(spec_path)], capture_output=True, text=True,
                           timeout=400, cwd=tmp_path)  # fmt: skip

@@ -1,12 +1,18 @@
+import dataclasses
+import hashlib
+import json
+
 import pytest
 import torch
 
-from core.config import load_config
+from core.config import TrainConfig, load_config
 from core.errors import ConfigError
+from trainers.featurizer import Featurizer
 from trainers.model import ModelSpec, NgramClassifier
+from trainers.spec import TrainSpec
 from trainers.trainer import build_optimizers, lr_factor, spec_fingerprint
 
-CFG = {"optimizer": "adagrad", "lr": 0.5, "dense_optimizer": "adam", "dense_lr": 0.01}
+CFG = TrainConfig(optimizer="adagrad", lr=0.5, dense_optimizer="adam", dense_lr=0.01)
 
 
 def test_schedules():
@@ -37,26 +43,49 @@ def test_embedding_and_dense_parameters_get_their_own_optimizers():
 def test_sparse_adam_needs_a_sparse_embedding():
     sparse = NgramClassifier(ModelSpec(10, 4, (), 2), sparse=True)
     assert isinstance(
-        build_optimizers(sparse, {**CFG, "optimizer": "sparse_adam"})[0], torch.optim.SparseAdam
+        build_optimizers(sparse, dataclasses.replace(CFG, optimizer="sparse_adam"))[0],
+        torch.optim.SparseAdam,
     )
     dense = NgramClassifier(ModelSpec(10, 4, (), 2), sparse=False)
     with pytest.raises(ConfigError, match="sparse_adam needs a sparse embedding"):
-        build_optimizers(dense, {**CFG, "optimizer": "sparse_adam"})
+        build_optimizers(dense, dataclasses.replace(CFG, optimizer="sparse_adam"))
     with pytest.raises(ConfigError, match="NCCL cannot"):
         load_config(overrides=["train.optimizer=sparse_adam", "train.use_gpu=true"])
 
 
 def test_checkpoint_fingerprint_ignores_the_budget_but_not_the_data():
-    spec = {
-        "train": {"lr": 0.5, "time_budget_s": 10, "epochs": 3},
-        "model": {"dim": 8},
-        "featurizer": {"v": 1},
-    }
+    cfg = load_config(overrides=["train.lr=0.5", "train.time_budget_s=10", "train.epochs=3",
+                                 "model.dim=8"])  # fmt: skip
+    spec = TrainSpec.from_config(cfg, "/shards", "/out", "/out/checkpoints")
     manifest = {"splits": {"train": {"files": [{"sha256": "a"}]}}}
     base = spec_fingerprint(spec, manifest)
-    longer = {**spec, "train": {**spec["train"], "time_budget_s": 99, "epochs": 9}}
+    longer = spec.with_train(time_budget_s=99, epochs=9, timeout_s=5)
     assert spec_fingerprint(longer, manifest) == base
+    elsewhere = dataclasses.replace(spec, out_dir="/other", checkpoint_dir="/other/checkpoints")
+    assert spec_fingerprint(elsewhere, manifest) == base
     other_data = {"splits": {"train": {"files": [{"sha256": "b"}]}}}
     assert spec_fingerprint(spec, other_data) != base
-    other_lr = {**spec, "train": {**spec["train"], "lr": 0.1}}
-    assert spec_fingerprint(other_lr, manifest) != base
+    assert spec_fingerprint(spec.with_train(lr=0.1), manifest) != base
+    assert spec_fingerprint(spec.with_model(dim=16), manifest) != base
+    assert spec_fingerprint(spec.with_train(optimizer="sgd"), manifest) != base
+    assert spec_fingerprint(dataclasses.replace(spec, early_stop=False), manifest) != base
+
+
+def test_checkpoints_of_the_untyped_spec_still_match():
+    """The payload is what the untyped spec hashed, so a checkpoint written before the spec was
+    typed still resumes."""
+    cfg = load_config(overrides=["model.hidden=[8]"])
+    spec = TrainSpec.from_config(cfg, "/shards", "/out")
+    manifest = {"splits": {"train": {"files": [{"sha256": "a"}]}}}
+    untyped = {
+        "train": {
+            k: v
+            for k, v in dataclasses.asdict(cfg.train).items()
+            if k not in ("time_budget_s", "epochs", "timeout_s")
+        },
+        "model": {"dim": cfg.model.dim, "hidden": list(cfg.model.hidden)},
+        "featurizer": Featurizer.from_config(cfg.featurizer).settings(),
+        "shards": ["a"],
+    }
+    digest = hashlib.sha256(json.dumps(untyped, sort_keys=True).encode()).hexdigest()[:16]
+    assert spec_fingerprint(spec, manifest) == digest
