@@ -17,6 +17,23 @@ from pathlib import Path
 from core.atomic import atomic_dir
 from core.config import Config, load_config
 from core.errors import ConfigError, ZipflineError
+from core.layout import RunContext
+from core.spark import get_spark
+from pipelines import flow, retrain
+from pipelines.report import print_report
+from pipelines.retrain import (
+    RESULT_FILE,
+    Busy,
+    RunFailed,
+    log_line,
+    read_result,
+    retrain_lock,
+    something_new,
+    write_result,
+    write_watermark,
+)
+from pipelines.stages import NAMES as STAGES
+from pipelines.sweep import format_sweep, run_sweep
 
 log = logging.getLogger("zipfline")
 
@@ -41,8 +58,6 @@ def _label_import_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipelines.stages import NAMES as STAGES
-
     parser = argparse.ArgumentParser(
         prog="zipfline",
         description="Pipelines for large-scale learning on Zipf-distributed data.",
@@ -101,12 +116,10 @@ def _config(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from core.layout import RunContext
-    from pipelines.flow import run_pipeline
 
     cfg = _config(args)
     ctx = RunContext(cfg, args.run_date, force=args.force)
-    summary = run_pipeline(ctx, start=args.start, stop=args.stop)
+    summary = flow.run_pipeline(ctx, start=args.start, stop=args.stop)
     print(format_summary(summary, cfg))
     return 0
 
@@ -120,18 +133,6 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     process ends whole if it outlives the budget (``pipelines.retrain.run_with_budget``)."""
     if args.child_result:
         return _retrain_child(args)
-    # start-up speed: the retrain pieces import hashing and the data layout
-    from pipelines.retrain import (
-        RESULT_FILE,
-        Busy,
-        RunFailed,
-        log_line,
-        read_result,
-        retrain_lock,
-        run_with_budget,
-        something_new,
-        write_watermark,
-    )
 
     cfg = _config(args)
     root = Path(cfg.data.root).expanduser().resolve()
@@ -152,7 +153,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
             sys.stdout.flush()  # the child writes to the same stdout and stderr
             sys.stderr.flush()
             try:
-                code = run_with_budget(child, cfg.retrain.budget_s)
+                code = retrain.run_with_budget(child, cfg.retrain.budget_s)
             except ZipflineError as exc:  # over its budget, or this process was stopped
                 log_line(root, f"failed: {exc}")
                 raise
@@ -181,16 +182,11 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 def _retrain_child(args: argparse.Namespace) -> int:
     """The pipeline run of a retrain (``trigger=cron``), in the child process that
     :func:`cmd_retrain` started; its outcome goes to ``--child-result`` for the parent."""
-    # start-up speed: the pipeline's imports (Spark, torch, MLflow) only for a run
-    from core.layout import RunContext
-    from pipelines.flow import run_pipeline
-    from pipelines.retrain import write_result
-
     path = Path(args.child_result)
     try:
         cfg = _config(args)
         # forced only by retrain --force: otherwise a stage reruns when its inputs changed
-        summary = run_pipeline(RunContext(cfg, force=args.force), trigger="cron")
+        summary = flow.run_pipeline(RunContext(cfg, force=args.force), trigger="cron")
     except Exception as exc:  # the parent says it, in the one line _guarded would print
         if args.verbose:
             traceback.print_exc()
@@ -211,7 +207,7 @@ def _retrain_child(args: argparse.Namespace) -> int:
 
 
 def cmd_label_import(args: argparse.Namespace) -> int:
-    from core.spark import get_spark
+    # start-up speed: the label store imports pyspark (seconds), only for this command
     from querylog.labels import IMPORT_PREFIX, QUARANTINE, import_path, labels_root
 
     cfg = _config(args)
@@ -228,8 +224,6 @@ def cmd_label_import(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from core.layout import RunContext
-    from pipelines.sweep import format_sweep, run_sweep
 
     ctx = RunContext(_config(args), args.run_date)
     print(format_sweep(run_sweep(ctx)))
@@ -286,7 +280,7 @@ def format_summary(summary, cfg: Config) -> str:  # noqa: ANN001
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from core.spark import get_spark
+    # start-up speed: the generator imports pyspark (seconds), only for this command
     from querylog.generator import generate_log
 
     extra = [f"generate.num_events={args.events}"] if args.events is not None else []
@@ -305,8 +299,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pipelines.report import print_report
-
     print_report(_config(args).tracking, args.run_id, args.json)
     return 0
 
@@ -377,11 +369,9 @@ def stage_main(stage: str, argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.verbose)
 
     def go() -> int:
-        from core.layout import RunContext
-        from pipelines.flow import run_pipeline
 
         cfg = _config(args)
-        summary = run_pipeline(
+        summary = flow.run_pipeline(
             RunContext(cfg, args.run_date, force=args.force), start=stage, stop=stage
         )
         print(format_summary(summary, cfg))

@@ -69,6 +69,7 @@ def _quiet_mlflow() -> None:
 def connect(cfg: TrackingConfig) -> Any:
     """Point MLflow at the configured store and experiment; returns the experiment."""
     _quiet_mlflow()
+    # start-up speed: mlflow imports in seconds; connect() sets its log levels after it
     import mlflow
 
     mlflow.set_tracking_uri(cfg.uri)
@@ -216,6 +217,7 @@ class Tracker:
     def __init__(self, cfg: TrackingConfig) -> None:
         self.cfg = cfg
         self.experiment = connect(cfg)
+        # start-up speed: mlflow, as above
         import mlflow
 
         self.mlflow = mlflow
@@ -266,6 +268,7 @@ class Tracker:
             _finite({**counts, **reasons, **result.metrics, "stage_seconds": result.seconds})
         )
         if result.series:
+            # start-up speed: mlflow, as above
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
@@ -297,6 +300,7 @@ class Tracker:
             elif path.exists():
                 mlflow.log_artifact(str(path))
         if result.model:
+            # start-up speed: the pyfunc pulls in torch, only for a stage with a model
             from trainers.serving import pyfunc_kwargs, quiet_pyfunc
 
             with quiet_pyfunc():
