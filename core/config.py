@@ -240,7 +240,17 @@ class TrainConfig:
     batch_size: int = 256
     """Examples per worker per step."""
     optimizer: Literal["adagrad", "sgd", "sparse_adam"] = "adagrad"
-    """Optimizer of the embedding table (sparse gradients on CPU); ``sparse_adam`` is CPU only."""
+    """Optimizer of the embedding table (sparse gradients on CPU); ``sparse_adam`` is CPU only.
+    Under the numba kernel ``adagrad`` is row-wise Adagrad (one accumulator per row) and the
+    output layer takes the same optimizer and ``lr``."""
+    kernel: Literal["auto", "numba", "torch"] = "auto"
+    """The training loop: ``numba``, fastText's per-example update compiled for the CPU
+    (linear model, fp32/fp64, ``sgd`` or ``adagrad``; workers average every ``sync_every``
+    steps); ``torch``, mini-batches through autograd and DDP; ``auto``, numba where it applies
+    (CPU, no hidden layer, fp32/fp64, sgd/adagrad, and ``local_sgd`` mode or one worker)."""
+    threads: int = 1
+    """Threads per worker under the numba kernel (Hogwild!: lock-free shared updates, as
+    fastText does); 1 is deterministic."""
     lr: float = 0.5
     """Learning rate of the embedding optimizer."""
     dense_optimizer: Literal["adagrad", "sgd", "adam"] = "adam"
@@ -265,7 +275,9 @@ class TrainConfig:
     """Seed of initialization and of the per-epoch shuffle."""
 
     def __post_init__(self) -> None:
-        _check_positive(self, "train", ("world_size", "epochs", "batch_size", "sync_every"))
+        _check_positive(
+            self, "train", ("world_size", "epochs", "batch_size", "sync_every", "threads")
+        )
         if self.warmup_steps < 0 or self.checkpoint_every < 0:
             raise ConfigError("train.warmup_steps and train.checkpoint_every must be >= 0")
         if self.optimizer == "sparse_adam" and self.use_gpu:

@@ -46,14 +46,20 @@ def run(ctx: RunContext, out: Path) -> StageResult:
     return StageResult(
         rows_in=n_train + n_val,
         rows_out=n_train + n_val,
-        params=spec.params(manifest),
+        # what actually ran, which the config may leave to the trainer (train.kernel=auto)
+        params=spec.params(manifest)
+        | {
+            "kernel": result["kernel"],
+            "optimizer": result["optimizer"],
+            "threads": spec.train.threads,
+        },
         metrics={k: float(result[k]) for k in TRAIN_METRICS if result.get(k) is not None},
         series={
             "loss": [[step, loss] for step, loss in result["losses"]],
             "val_loss": [[h["step"], h["val_loss"]] for h in result["history"]],
             "val_accuracy": [[h["step"], h["val_accuracy"]] for h in result["history"]],
         },
-        tags={"stopped_by": result["stopped_by"]},
+        tags={"stopped_by": result["stopped_by"], "kernel_reason": result["kernel_reason"]},
         artifacts=[RESULT_FILE, TRAIN_SPEC_FILE],
         model=MODEL_FILE,
     )

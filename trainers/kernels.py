@@ -178,3 +178,14 @@ def train_examples(
         return float(_train_serial(*args))
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     return float(_train_hogwild(*args, threads))
+
+
+def warm_hogwild(dtype: np.dtype) -> None:
+    """Compile (or load from the cache) the threaded kernel for ``dtype`` weights on a toy."""
+    emb = np.zeros((2, 2), dtype=dtype)
+    ids = np.zeros(4, dtype=np.int32)
+    offsets = np.arange(5, dtype=np.int64)
+    _train_hogwild(ids, offsets, np.zeros(4, dtype=np.int64), np.ones(4, dtype=np.float32),
+                   np.arange(4, dtype=np.int64), 0.0, 0.0, emb, np.zeros((2, 2), dtype=dtype),
+                   np.zeros(2, dtype=dtype), np.zeros(2, dtype=dtype), np.zeros(2, dtype=dtype),
+                   SGD, 2)  # fmt: skip

@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from core.config import TrainConfig
 from core.errors import ConfigError
 from trainers.data import check_featurizer, load_manifest, read_split
+from trainers.kernels import train_examples, warm_hogwild
 from trainers.model import NgramClassifier
 from trainers.spec import TrainSpec
 
@@ -86,6 +87,42 @@ def select_device(use_gpu: bool, local_rank: int, cuda_available: bool) -> tuple
             raise ConfigError("train.use_gpu = true but CUDA is not available on this node")
         return torch.device("cuda", local_rank), "nccl"
     return torch.device("cpu"), "gloo"
+
+
+KERNEL_OPTIMIZER = {"sgd": "sgd", "adagrad": "rowwise_adagrad"}
+"""``train.optimizer`` → the numba kernel's optimizer."""
+
+
+def select_kernel(
+    cfg: TrainConfig, device_type: str, hidden: tuple[int, ...], world_size: int
+) -> tuple[str, str]:
+    """The training loop that runs, ``numba`` or ``torch``, and why (logged with the run).
+
+    The numba kernel is fastText's per-example update of the linear model on the CPU; it has no
+    hidden layers, no mixed precision and no sparse Adam, and since it steps example by
+    example, workers meet by averaging (``local_sgd``) rather than by all-reducing gradients.
+    ``train.kernel=numba`` where it cannot apply is a config error naming the reason."""
+    blockers = [
+        why
+        for bad, why in (
+            (device_type != "cpu", "it runs on the CPU (train.use_gpu=false)"),
+            (bool(hidden), "it trains the linear model (model.hidden=[])"),
+            (cfg.precision not in ("fp32", "fp64"), "it computes in fp32 or fp64"),
+            (cfg.optimizer not in ("sgd", "adagrad"), "its optimizers are sgd and adagrad"),
+            (
+                cfg.mode != "local_sgd" and world_size > 1,
+                "workers average its models (train.mode=local_sgd) rather than all-reduce",
+            ),
+        )
+        if bad
+    ]
+    if cfg.kernel == "torch":
+        return "torch", "train.kernel=torch"
+    if not blockers:
+        return "numba", f"train.kernel={cfg.kernel}"
+    if cfg.kernel == "numba":
+        raise ConfigError(f"train.kernel = numba does not apply here: {'; '.join(blockers)}")
+    return "torch", f"train.kernel=auto: torch, since the numba kernel needs: {blockers[0]}"
 
 
 def build_optimizers(model: NgramClassifier, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
@@ -159,7 +196,10 @@ class Trainer:
         model = NgramClassifier(self.model_spec, sparse=self.device.type == "cpu")
         self.model = model.to(self.device, dtype=self.precision.param_dtype)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        self.local_sgd = self.cfg.mode == "local_sgd"
+        self.kernel, self.kernel_reason = select_kernel(
+            self.cfg, self.device.type, self.model_spec.hidden, self.world_size
+        )
+        self.local_sgd = self.cfg.mode == "local_sgd" or self.kernel == "numba"
         # Local SGD steps each replica alone and averages them now and then; sync mode lets DDP
         # all-reduce the gradients of every step.
         self.ddp = (
@@ -167,11 +207,18 @@ class Trainer:
             if self.local_sgd
             else DistributedDataParallel(self.model, device_ids=device_ids)
         )
+        # The numba kernel's optimizer state: one accumulator per embedding row and per class
+        # (row-wise Adagrad), torch tensors like the weights, so checkpoints carry them.
+        dtype = self.precision.param_dtype
+        self.kernel_state = {
+            "emb_acc": torch.zeros(self.model_spec.num_buckets, dtype=dtype),
+            "out_acc": torch.zeros(self.model_spec.num_classes, dtype=dtype),
+        }
         self._touched = torch.zeros(
             self.model_spec.num_buckets, dtype=torch.bool, device=self.device
         )
         self.comm_seconds = 0.0
-        self.optimizers = build_optimizers(self.model, self.cfg)
+        self.optimizers = [] if self.kernel == "numba" else build_optimizers(self.model, self.cfg)
         self.base_lrs = [[g["lr"] for g in opt.param_groups] for opt in self.optimizers]
         self.scaler = torch.amp.GradScaler("cuda") if self.precision.use_scaler else None
         self.checkpoint_dir = Path(spec.checkpoint_dir) if spec.checkpoint_dir else None
@@ -232,6 +279,60 @@ class Trainer:
                 opt.step()
         self.step += 1
         return float(loss.detach()), fwd_bwd
+
+    @property
+    def optimizer_name(self) -> str:
+        """The optimizers that actually run: the kernel's, or the embedding's + the dense one's."""
+        if self.kernel == "numba":
+            return KERNEL_OPTIMIZER[self.cfg.optimizer]
+        return f"{self.cfg.optimizer}+{self.cfg.dense_optimizer}"
+
+    def kernel_lr_range(self) -> tuple[float, float]:
+        """The numba kernel's learning rate at this step's start and end (the next step's)."""
+        cfg = self.cfg
+        return tuple(
+            cfg.lr * lr_factor(step, self.total_steps, cfg.lr_schedule, cfg.warmup_steps)
+            for step in (self.step, self.step + 1)
+        )
+
+    def kernel_step(self, rows: np.ndarray) -> float:
+        """One step of the numba kernel: the examples ``rows`` one by one, the learning rate
+        going linearly from this step's value to the next one's; returns their weighted mean
+        loss (before each example's update)."""
+        data, cfg = self.train_data, self.cfg
+        lr_start, lr_end = self.kernel_lr_range()
+        if self.world_size > 1:  # the rows to average at the next meeting
+            self._touched[self.train_data.batch(rows)[0]] = True
+        total = train_examples(
+            data.ids, data.row_offsets, data.labels, data.weights, rows,
+            lr_start=lr_start, lr_end=lr_end, **self._kernel_arrays(),
+            optimizer=KERNEL_OPTIMIZER[cfg.optimizer], threads=cfg.threads,
+        )  # fmt: skip
+        self.step += 1
+        weight = float((data.weights[rows] * (data.labels[rows] >= 0)).sum())
+        return total / max(weight, 1e-12)
+
+    def _kernel_arrays(self) -> dict[str, np.ndarray]:
+        """The model's weights and the kernel's state as numpy views of the same memory."""
+        with torch.no_grad():
+            return {
+                "emb": self.model.embedding.weight.detach().numpy(),
+                "out_w": self.model.output.weight.detach().numpy(),
+                "out_b": self.model.output.bias.detach().numpy(),
+                "emb_acc": self.kernel_state["emb_acc"].numpy(),
+                "out_acc": self.kernel_state["out_acc"].numpy(),
+            }
+
+    def _warm_kernel(self) -> None:
+        """Compile (or load from numba's cache) the kernel before the clock starts."""
+        data = self.train_data
+        train_examples(
+            data.ids, data.row_offsets, data.labels, data.weights, np.zeros(0, dtype=np.int64),
+            lr_start=0.0, lr_end=0.0, **self._kernel_arrays(),
+            optimizer=KERNEL_OPTIMIZER[self.cfg.optimizer], threads=1,
+        )  # fmt: skip
+        if self.cfg.threads > 1:
+            warm_hogwild(self._kernel_arrays()["emb"].dtype)
 
     def _compute_probe(self, batch: tuple[torch.Tensor, ...]) -> float:
         """Forward + backward without the gradient all-reduce, gradients thrown away: the
@@ -326,6 +427,7 @@ class Trainer:
             "best_val": self.best_val,
             "stopped_by": self.stopped_by,
             "fingerprint": self.fingerprint,
+            "kernel_state": self.kernel_state,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -342,6 +444,8 @@ class Trainer:
         self.losses = [tuple(x) for x in state["losses"]]
         self.best_val = float(state["best_val"])
         self.stopped_by = state.get("stopped_by")
+        for name, value in (state.get("kernel_state") or {}).items():
+            self.kernel_state[name].copy_(value)
 
     def _checkpoints(self) -> list[Path]:
         if self.checkpoint_dir is None or not self.checkpoint_dir.is_dir():
@@ -402,6 +506,8 @@ class Trainer:
         budget = self.cfg.time_budget_s
         batch_size = self.cfg.batch_size
         self.resume()
+        if self.kernel == "numba":
+            self._warm_kernel()
         dist.barrier()
         start = time.monotonic() - self.time_used_before
         steps_per_epoch = self._steps_per_epoch()
@@ -422,20 +528,24 @@ class Trainer:
             out_of_time = False
             while self.step_in_epoch < steps_per_epoch:
                 i = self.step_in_epoch
-                batch = self.train_data.batch(order[i * batch_size : (i + 1) * batch_size])
-                if not self.local_sgd and self.step % PROBE_EVERY == PROBE_EVERY - 1:
-                    probe_seconds += self._compute_probe(batch)
-                    probe = True
+                rows = order[i * batch_size : (i + 1) * batch_size]
+                probe = False
+                if self.kernel == "numba":
+                    t0 = time.perf_counter()
+                    loss, fwd_bwd = self.kernel_step(rows), 0.0
                 else:
-                    probe = False
-                t0 = time.perf_counter()
-                loss, fwd_bwd = self.train_step(batch)
+                    batch = self.train_data.batch(rows)
+                    if not self.local_sgd and self.step % PROBE_EVERY == PROBE_EVERY - 1:
+                        probe_seconds += self._compute_probe(batch)
+                        probe = True
+                    t0 = time.perf_counter()
+                    loss, fwd_bwd = self.train_step(batch)
                 seconds = time.perf_counter() - t0
                 step_seconds += seconds
                 if probe:
                     probe_fwd_bwd += fwd_bwd
                     probe_steps_seconds += seconds
-                samples += len(batch[2])
+                samples += len(rows)
                 self.step_in_epoch += 1
                 if self.step % LOSS_EVERY == 0:
                     self.losses.append((self.step, loss))
@@ -506,6 +616,9 @@ class Trainer:
             "model_capacity": self.model_spec.capacity,
             "world_size": self.world_size,
             "device": str(self.device),
+            "kernel": self.kernel,
+            "kernel_reason": self.kernel_reason,
+            "optimizer": self.optimizer_name,
             "precision": self.precision.name,
         }
         if self.rank == 0:

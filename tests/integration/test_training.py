@@ -154,7 +154,7 @@ def test_convergence_stops_early_only_when_allowed(shards, tmp_path):
 
 
 class _RecordingTrainer(Trainer):
-    """Records both optimizers' learning rates at every step."""
+    """Records the learning rates of the embedding and of the dense layers at every step."""
 
     def __init__(self, spec: TrainSpec) -> None:
         super().__init__(spec)
@@ -165,23 +165,53 @@ class _RecordingTrainer(Trainer):
         self.lrs.append([opt.param_groups[0]["lr"] for opt in self.optimizers])
         return out
 
+    def kernel_step(self, rows):  # noqa: ANN001, ANN202
+        start, _ = self.kernel_lr_range()  # the kernel steps the output layer at train.lr too
+        self.lrs.append([start, start])
+        return super().kernel_step(rows)
 
-def test_learning_rates_follow_the_schedule(shards, tmp_path):
+
+@pytest.mark.parametrize("kernel", ["torch", "numba"])
+def test_learning_rates_follow_the_schedule(shards, tmp_path, kernel):
     cfg, shard_dir = shards
     warmup = 3
     spec = _spec(cfg, shard_dir, tmp_path, world_size=1, epochs=2, batch_size=64,
                  checkpoint_every=0, lr_schedule="cosine", warmup_steps=warmup, lr=0.4,
-                 dense_optimizer="sgd", dense_lr=0.02)  # fmt: skip
+                 dense_optimizer="sgd", dense_lr=0.02, kernel=kernel)  # fmt: skip
     result, trainer = _train_here(spec, tmp_path, _RecordingTrainer)
     assert result["stopped_by"] == "epochs"
     total = trainer.total_steps
     assert total == result["steps"] == len(trainer.lrs) > warmup
     for step, (emb_lr, dense_lr) in enumerate(trainer.lrs):
         factor = lr_factor(step, total, "cosine", warmup)
-        assert emb_lr == pytest.approx(0.4 * factor) and dense_lr == pytest.approx(0.02 * factor)
+        dense = 0.02 if kernel == "torch" else 0.4
+        assert emb_lr == pytest.approx(0.4 * factor) and dense_lr == pytest.approx(dense * factor)
     emb = [lrs[0] for lrs in trainer.lrs]
     assert emb[:warmup] == sorted(emb[:warmup]) and emb[warmup] == pytest.approx(0.4)
     assert emb[warmup:] == sorted(emb[warmup:], reverse=True) and emb[-1] < 0.4 / 4
+
+
+def test_the_numba_kernel_learns_as_the_torch_loop_does(shards, tmp_path):
+    cfg, shard_dir = shards
+    runs = {}
+    for name, train in (
+        ("torch", {"kernel": "torch"}),
+        ("numba", {"kernel": "numba"}),
+        ("numba again", {"kernel": "numba"}),
+        ("numba sgd, 2 threads", {"kernel": "numba", "optimizer": "sgd", "lr": 0.2, "threads": 2}),
+    ):
+        out = tmp_path / name.replace(" ", "_").replace(",", "")
+        spec = _spec(cfg, shard_dir, out, world_size=1, epochs=4, batch_size=64,
+                     checkpoint_every=0, **train)  # fmt: skip
+        runs[name] = _train_here(spec, tmp_path)[0] | {"checksum": _ranks(out)[0]["param_checksum"]}
+    assert runs["torch"]["kernel"] == "torch" and runs["torch"]["optimizer"] == "adagrad+adam"
+    assert runs["numba"]["kernel"] == "numba" and runs["numba"]["optimizer"] == "rowwise_adagrad"
+    assert runs["numba sgd, 2 threads"]["optimizer"] == "sgd"
+    for name, result in runs.items():
+        assert result["val_accuracy"] > 0.6, name
+    assert runs["numba"]["val_accuracy"] > runs["torch"]["val_accuracy"] - 0.03
+    # one thread is deterministic: the same run twice gives the same weights
+    assert runs["numba"]["checksum"] == runs["numba again"]["checksum"]
 
 
 # --- several processes ----------------------------------------------------------------------
@@ -203,11 +233,13 @@ def test_all_ranks_stop_at_the_same_step_under_a_budget(shards, tmp_path):
     assert (tmp_path / "model.pt").exists()
 
 
-def test_local_sgd_averages_the_replicas(shards, tmp_path):
+@pytest.mark.parametrize("kernel", ["numba", "torch"])
+def test_local_sgd_averages_the_replicas(shards, tmp_path, kernel):
     cfg, shard_dir = shards
     spec = _spec(cfg, shard_dir, tmp_path, world_size=2, mode="local_sgd", sync_every=7,
-                 epochs=3, batch_size=16)  # fmt: skip
+                 epochs=3, batch_size=16, kernel=kernel)  # fmt: skip
     result = launch_processes(spec)
+    assert result["kernel"] == kernel
     ranks = _ranks(tmp_path)
     assert ranks[0]["steps"] == ranks[1]["steps"] == result["steps"]
     # averaged at the end: both replicas hold the same model, and it learned

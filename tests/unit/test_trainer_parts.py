@@ -6,11 +6,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from core.config import TrainConfig
 from core.errors import ConfigError, DataError
 from trainers.data import check_featurizer, read_split, sha256_of
 from trainers.featurizer import Featurizer
 from trainers.model import ModelSpec, NgramClassifier
-from trainers.trainer import select_device, select_precision
+from trainers.trainer import select_device, select_kernel, select_precision
 
 
 def test_precision_plans():
@@ -95,3 +96,25 @@ def test_featurizer_mismatch_is_refused(tmp_path):
     with pytest.raises(DataError, match="featurized with"):
         check_featurizer(manifest, other, str(tmp_path))
     check_featurizer(manifest, manifest["featurizer"], str(tmp_path))
+
+
+def test_kernel_selection_says_what_runs_and_why():
+    auto = TrainConfig(world_size=1)
+    assert select_kernel(auto, "cpu", (), 1)[0] == "numba"
+    assert select_kernel(TrainConfig(mode="local_sgd"), "cpu", (), 4)[0] == "numba"
+    for cfg, device, hidden, world, why in (
+        (auto, "cuda", (), 1, "CPU"),
+        (auto, "cpu", (32,), 1, "linear model"),
+        (TrainConfig(precision="bf16"), "cpu", (), 1, "fp32 or fp64"),
+        (TrainConfig(optimizer="sparse_adam"), "cpu", (), 1, "sgd and adagrad"),
+        (TrainConfig(mode="sync"), "cpu", (), 2, "local_sgd"),
+    ):
+        kernel, reason = select_kernel(cfg, device, hidden, world)
+        assert kernel == "torch" and why in reason
+        forced = TrainConfig(**{**cfg.__dict__, "kernel": "numba"})
+        with pytest.raises(ConfigError, match=why):
+            select_kernel(forced, device, hidden, world)
+    assert select_kernel(TrainConfig(kernel="torch"), "cpu", (), 1) == (
+        "torch",
+        "train.kernel=torch",
+    )
