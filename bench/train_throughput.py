@@ -4,11 +4,12 @@ Generates a log (default 1M events over 200k distinct queries), runs the data st
 (distinct queries weighted equally, ``shard.sampling=unique``, so both learners see the same
 examples), then trains for a fixed number of epochs with no early stop:
 
-- zipfline at fp32 and bf16 in sync mode (DDP) and at fp32 in local SGD mode, with 1 and 2
-  worker processes (one thread each), through TorchDistributor local mode: samples/s per core
-  and 2-worker scaling efficiency;
-- fastText (``fasttext-numpy2``) on the same distinct training texts, one thread, with the same
-  dimension, word n-grams, buckets and epochs: examples/s.
+- zipfline's numba kernel (fastText's per-example update, row-wise Adagrad; and plain SGD) with
+  1, 2, 4, 8 worker processes (as many as the machine has cores, one thread each), and its torch
+  loop (sync DDP at fp32 and bf16, local SGD), through TorchDistributor local mode: samples/s,
+  per core, scaling efficiency against one worker, and bytes each worker sends per step;
+- fastText (``fasttext-numpy2``) on the same distinct training texts, one thread and all cores,
+  with the same dimension, word n-grams, buckets and epochs: examples/s.
 
 Both models are scored on the same test split with the same metric code (distinct-query
 accuracy, 1 − ``test_error``). Prints a table.
@@ -44,19 +45,17 @@ def _test_accuracy(test_df: pd.DataFrame, labels: list[str], probs: np.ndarray) 
     return 1.0 - m["test_error"]
 
 
-def run_zipfline(
-    cfg, shard_dir: Path, out: Path, precision: str, workers: int, mode: str = "sync"
-) -> dict:
+def run_zipfline(cfg, shard_dir: Path, out: Path, workers: int, **train) -> dict:
     """``train.epochs`` epochs, no early stop, no checkpoints, TorchDistributor local mode."""
     spec = TrainSpec.from_config(cfg, shard_dir, out).with_train(
-        precision=precision, world_size=workers, mode=mode, time_budget_s=1e9,
-        checkpoint_every=0, local_mode=True, use_gpu=False,
+        world_size=workers, time_budget_s=1e9, checkpoint_every=0, local_mode=True,
+        use_gpu=False, **train,
     )  # fmt: skip
     return launch_distributor(dataclasses.replace(spec, early_stop=False))
 
 
 def run_fasttext(
-    train_df: pd.DataFrame, test_df: pd.DataFrame, cfg, epochs: int, work: Path
+    train_df: pd.DataFrame, test_df: pd.DataFrame, cfg, epochs: int, work: Path, threads: int = 1
 ) -> dict:
     import fasttext
 
@@ -67,7 +66,7 @@ def run_fasttext(
     t0 = time.perf_counter()
     model = fasttext.train_supervised(
         str(path), dim=cfg.model.dim, wordNgrams=cfg.featurizer.word_ngrams,
-        bucket=cfg.featurizer.num_buckets, epoch=epochs, thread=1, minCount=1, lr=0.5, verbose=0,
+        bucket=cfg.featurizer.num_buckets, epoch=epochs, thread=threads, minCount=1, lr=0.5, verbose=0,
     )  # fmt: skip
     seconds = time.perf_counter() - t0
     labels = [lab.removeprefix("__label__") for lab in model.get_labels()]
@@ -113,40 +112,48 @@ def main() -> None:
           f"{args.epochs} epochs, dim {cfg.model.dim}, word n-grams {cfg.featurizer.word_ngrams}, "
           f"{cfg.featurizer.num_buckets:,} buckets, {os.cpu_count()} cores")  # fmt: skip
 
-    rows = []
-    single = {}
-    for precision, mode in (("fp32", "sync"), ("bf16", "sync"), ("fp32", "local_sgd")):
-        for workers in (1, 2):
-            out = args.work / f"run-{precision}-{mode}-{workers}"
-            result = run_zipfline(cfg, shard_dir, out, precision, workers, mode)
-            predictor = Predictor.from_file(out / "model.pt")
-            acc = _test_accuracy(
-                test_df, predictor.labels, predictor.predict_proba(test_df["query"])
-            )
-            per_core = result["samples_per_s"] / workers
-            if workers == 1:
-                single[precision, mode] = result["samples_per_s"]
-            efficiency = result["samples_per_s"] / (workers * single[precision, mode])
-            rows.append((f"zipfline {precision} {mode}", workers, result["samples_per_s"], per_core,
-                         efficiency, result["comm_fraction"], acc))  # fmt: skip
-    ft = run_fasttext(train_df, test_df, cfg, args.epochs, args.work)
-    rows.append(
-        ("fastText", 1, ft["samples_per_s"], ft["samples_per_s"], 1.0, float("nan"), ft["accuracy"])
-    )
+    cores = os.cpu_count() or 1
+    counts = [w for w in (1, 2, 4, 8) if w <= cores]
+    learners = [  # name, precision, workers, train.* settings
+        *[("numba rowwise_adagrad", "fp32", w, {"kernel": "numba", "mode": "local_sgd"})
+          for w in counts],
+        ("numba sgd", "fp32", 1, {"kernel": "numba", "optimizer": "sgd", "lr": 0.5}),
+        *[("torch sync", "fp32", w, {"kernel": "torch", "mode": "sync"}) for w in counts[:2]],
+        ("torch sync", "bf16", 1, {"kernel": "torch", "mode": "sync", "precision": "bf16"}),
+        *[("torch local_sgd", "fp32", w, {"kernel": "torch", "mode": "local_sgd"})
+          for w in counts[:2]],
+    ]  # fmt: skip
+    rows, single = [], {}
+    for name, precision, workers, train in learners:
+        out = args.work / f"run-{name.replace(' ', '-')}-{precision}-{workers}"
+        result = run_zipfline(cfg, shard_dir, out, workers, **{"precision": precision, **train})
+        predictor = Predictor.from_file(out / "model.pt")
+        acc = _test_accuracy(test_df, predictor.labels, predictor.predict_proba(test_df["query"]))
+        sps = result["samples_per_s"]
+        single.setdefault((name, precision), sps / workers)
+        rows.append((f"zipfline {name}", "cpu", precision, workers, sps, sps / workers,
+                     sps / (workers * single[name, precision]), result.get("bytes_per_step"),
+                     acc))  # fmt: skip
+        print(f"  {rows[-1][0]} {precision} x{workers}: {sps:,.0f} samples/s, acc {acc:.4f}",
+              flush=True)  # fmt: skip
+    fasttext_rows = []
+    for threads in sorted({1, cores}):
+        ft = run_fasttext(train_df, test_df, cfg, args.epochs, args.work, threads)
+        fasttext_rows.append(ft)
+        rows.append(("fastText", "cpu", "fp32", threads, ft["samples_per_s"],
+                     ft["samples_per_s"] / threads, ft["samples_per_s"] / (threads * (
+                         fasttext_rows[0]["samples_per_s"])), None, ft["accuracy"]))  # fmt: skip
 
-    print(f"\n{'learner':<24}{'workers':>8}{'samples/s':>12}{'per core':>12}{'scaling':>9}"
-          f"{'comm':>7}{'test acc':>10}")  # fmt: skip
-    for name, workers, sps, per_core, eff, comm, acc in rows:
-        comm_s = "-" if np.isnan(comm) else f"{comm:.2f}"
-        print(
-            f"{name:<24}{workers:>8}{sps:>12,.0f}{per_core:>12,.0f}{eff:>9.2f}{comm_s:>7}{acc:>10.4f}"
-        )
-    best = max(r[3] for r in rows[:-1])
-    print(f"\nper-core throughput, best zipfline / fastText: {best / ft['samples_per_s']:.2f}")
-    for i in (1, 5):  # the 2-worker fp32 runs, sync and local SGD
-        print(
-            f"test accuracy, {rows[i][0]} (2 workers) - fastText: {rows[i][6] - ft['accuracy']:+.4f}"
-        )
+    print(f"\n{'learner':<32}{'device':>7}{'prec':>6}{'workers':>8}{'samples/s':>12}"
+          f"{'per core':>11}{'scaling':>9}{'bytes/step':>12}{'test acc':>10}")  # fmt: skip
+    for name, device, precision, workers, sps, per_core, eff, sent, acc in rows:
+        sent_s = "-" if sent is None or np.isnan(sent) else f"{sent:,.0f}"
+        print(f"{name:<32}{device:>7}{precision:>6}{workers:>8}{sps:>12,.0f}{per_core:>11,.0f}"
+              f"{eff:>9.2f}{sent_s:>12}{acc:>10.4f}")  # fmt: skip
+    ft1 = fasttext_rows[0]
+    one = next(r for r in rows if r[0] == "zipfline numba rowwise_adagrad" and r[3] == 1)
+    print(f"\nnumba kernel, 1 worker / fastText, 1 thread: samples/s {one[4] / ft1['samples_per_s']:.2f}x,"
+          f" test accuracy {one[8] - ft1['accuracy']:+.4f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from trainers.trainer import MODEL_FILE, RESULT_FILE
 STAGE = "train"
 TRAIN_METRICS = (
     "time_used_s", "steps", "step_time_s", "compute_time_s", "comm_fraction", "samples_per_s",
-    "train_loss", "val_loss", "val_accuracy", "epochs_run", "resumed_from_step",
+    "train_loss", "val_loss", "val_accuracy", "epochs_run", "resumed_from_step", "bytes_per_step",
 )  # fmt: skip
 
 

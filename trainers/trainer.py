@@ -218,6 +218,7 @@ class Trainer:
             self.model_spec.num_buckets, dtype=torch.bool, device=self.device
         )
         self.comm_seconds = 0.0
+        self.bytes_sent = 0  # what this rank put into model averages (local SGD, numba kernel)
         self.optimizers = [] if self.kernel == "numba" else build_optimizers(self.model, self.cfg)
         self.base_lrs = [[g["lr"] for g in opt.param_groups] for opt in self.optimizers]
         self.scaler = torch.amp.GradScaler("cuda") if self.precision.use_scaler else None
@@ -352,21 +353,26 @@ class Trainer:
         are equal everywhere already)."""
         if not self.local_sgd:
             return
+        if self.world_size == 1:
+            return  # one replica agrees with itself
         t0 = time.perf_counter()
         touched = self._touched.to(torch.uint8)
         dist.all_reduce(touched, op=dist.ReduceOp.MAX)
         rows = touched.nonzero().squeeze(1)
         weight = self.model.embedding.weight
+        sent = touched.numel()
         if len(rows):
             values = weight.index_select(0, rows)
             dist.all_reduce(values)
             weight.index_copy_(0, rows, values / self.world_size)
+            sent += values.numel() * values.element_size()
         dense = [
             p for name, p in self.model.named_parameters() if not name.startswith("embedding.")
         ]
         flat = torch.cat([p.reshape(-1) for p in dense])
         dist.all_reduce(flat)
         flat /= self.world_size
+        self.bytes_sent += sent + flat.numel() * flat.element_size()
         offset = 0
         for p in dense:
             p.copy_(flat[offset : offset + p.numel()].view_as(p))
@@ -617,6 +623,7 @@ class Trainer:
             "world_size": self.world_size,
             "device": str(self.device),
             "kernel": self.kernel,
+            "bytes_per_step": self.bytes_sent / max(steps_here, 1) if self.local_sgd else math.nan,
             "kernel_reason": self.kernel_reason,
             "optimizer": self.optimizer_name,
             "precision": self.precision.name,
