@@ -41,7 +41,7 @@ _EPS = 1e-10
 @njit(cache=True, fastmath=True, nogil=True)
 def _example(  # noqa: PLR0913
     ids, start, end, label, weight, lr, emb, out_w, out_b, emb_acc, out_acc, opt, hidden, grad,
-    probs,
+    probs, touched,
 ):  # fmt: skip
     """One example's forward pass and update; returns its weighted loss."""
     n = end - start
@@ -100,6 +100,7 @@ def _example(  # noqa: PLR0913
         sq /= dim
     for k in range(start, end):
         row = ids[k]
+        touched[row] = 1
         if opt == ROWWISE_ADAGRAD:
             emb_acc[row] += sq
             step = lr / math.sqrt(emb_acc[row] + _EPS)
@@ -111,7 +112,7 @@ def _example(  # noqa: PLR0913
 @njit(cache=True, nogil=True)
 def _train_serial(
     ids, offsets, labels, weights, order, lr_start, lr_end, emb, out_w, out_b, emb_acc, out_acc,
-    opt,
+    opt, touched,
 ):  # fmt: skip
     dim = emb.shape[1]
     hidden = np.empty(dim, dtype=emb.dtype)
@@ -123,14 +124,15 @@ def _train_serial(
         lr = lr_start + (lr_end - lr_start) * j / max(count, 1)
         r = order[j]
         total += _example(ids, offsets[r], offsets[r + 1], labels[r], weights[r], lr, emb,
-                          out_w, out_b, emb_acc, out_acc, opt, hidden, grad, probs)  # fmt: skip
+                          out_w, out_b, emb_acc, out_acc, opt, hidden, grad, probs,
+                          touched)  # fmt: skip
     return total
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def _train_hogwild(
     ids, offsets, labels, weights, order, lr_start, lr_end, emb, out_w, out_b, emb_acc, out_acc,
-    opt, threads,
+    opt, touched, threads,
 ):  # fmt: skip
     count = len(order)
     per = (count + threads - 1) // threads
@@ -147,7 +149,8 @@ def _train_hogwild(
             lr = lr_start + (lr_end - lr_start) * j / max(count, 1)
             r = order[j]
             acc += _example(ids, offsets[r], offsets[r + 1], labels[r], weights[r], lr, emb,
-                            out_w, out_b, emb_acc, out_acc, opt, hidden, grad, probs)  # fmt: skip
+                            out_w, out_b, emb_acc, out_acc, opt, hidden, grad, probs,
+                            touched)  # fmt: skip
         losses[t] = acc
     return losses.sum()
 
@@ -168,12 +171,17 @@ def train_examples(
     out_acc: np.ndarray,
     optimizer: str = "sgd",
     threads: int = 1,
+    touched: np.ndarray | None = None,
 ) -> float:
     """Train on the examples ``order`` (row numbers into ``offsets``) in that order, updating the
-    weight arrays in place; returns the summed weighted loss before each example's update."""
+    weight arrays in place; returns the summed weighted loss before each example's update.
+    ``touched`` (uint8, one per embedding row), when given, gets a 1 for every row updated: the
+    rows replicas must average."""
     opt = OPTIMIZERS[optimizer]
+    if touched is None:
+        touched = np.zeros(emb.shape[0], dtype=np.uint8)
     args = (ids, offsets, labels, weights, order, float(lr_start), float(lr_end), emb, out_w,
-            out_b, emb_acc, out_acc, opt)  # fmt: skip
+            out_b, emb_acc, out_acc, opt, touched)  # fmt: skip
     if threads <= 1 or len(order) < 2 * threads:
         return float(_train_serial(*args))
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
@@ -188,4 +196,4 @@ def warm_hogwild(dtype: np.dtype) -> None:
     _train_hogwild(ids, offsets, np.zeros(4, dtype=np.int64), np.ones(4, dtype=np.float32),
                    np.arange(4, dtype=np.int64), 0.0, 0.0, emb, np.zeros((2, 2), dtype=dtype),
                    np.zeros(2, dtype=dtype), np.zeros(2, dtype=dtype), np.zeros(2, dtype=dtype),
-                   SGD, 2)  # fmt: skip
+                   SGD, np.zeros(2, dtype=np.uint8), 2)  # fmt: skip

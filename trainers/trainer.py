@@ -214,8 +214,9 @@ class Trainer:
             "emb_acc": torch.zeros(self.model_spec.num_buckets, dtype=dtype),
             "out_acc": torch.zeros(self.model_spec.num_classes, dtype=dtype),
         }
+        # rows some step updated since the last average (uint8: the numba kernel writes it too)
         self._touched = torch.zeros(
-            self.model_spec.num_buckets, dtype=torch.bool, device=self.device
+            self.model_spec.num_buckets, dtype=torch.uint8, device=self.device
         )
         self.comm_seconds = 0.0
         self.bytes_sent = 0  # what this rank put into model averages (local SGD, numba kernel)
@@ -266,7 +267,7 @@ class Trainer:
         t0 = time.perf_counter()
         loss = self._loss(batch, self.ddp)
         if self.local_sgd:
-            self._touched[batch[0].to(self.device)] = True
+            self._touched[batch[0].to(self.device)] = 1
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             fwd_bwd = time.perf_counter() - t0
@@ -302,12 +303,11 @@ class Trainer:
         loss (before each example's update)."""
         data, cfg = self.train_data, self.cfg
         lr_start, lr_end = self.kernel_lr_range()
-        if self.world_size > 1:  # the rows to average at the next meeting
-            self._touched[self.train_data.batch(rows)[0]] = True
         total = train_examples(
             data.ids, data.row_offsets, data.labels, data.weights, rows,
             lr_start=lr_start, lr_end=lr_end, **self._kernel_arrays(),
             optimizer=KERNEL_OPTIMIZER[cfg.optimizer], threads=cfg.threads,
+            touched=self._touched.numpy(),  # the rows to average at the next meeting
         )  # fmt: skip
         self.step += 1
         weight = float((data.weights[rows] * (data.labels[rows] >= 0)).sum())
@@ -356,7 +356,7 @@ class Trainer:
         if self.world_size == 1:
             return  # one replica agrees with itself
         t0 = time.perf_counter()
-        touched = self._touched.to(torch.uint8)
+        touched = self._touched.clone()
         dist.all_reduce(touched, op=dist.ReduceOp.MAX)
         rows = touched.nonzero().squeeze(1)
         weight = self.model.embedding.weight
