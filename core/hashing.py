@@ -21,6 +21,15 @@ def digest(value: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks (shard checksums, dataset digests)."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def tree_listing(path: Path) -> list[tuple[str, int, int]]:
     """``(name, size, mtime_ns)`` of every data file at ``path`` (see ``data_files``)."""
     out = []

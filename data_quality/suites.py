@@ -21,6 +21,7 @@ from pyspark.sql import functions as F
 
 from core.config import Config
 from core.errors import ConfigError
+from core.hashing import sha256_of
 from data_quality.expectations import Check
 
 GATES = ("ingest", "dedupe", "split", "shard")
@@ -124,9 +125,6 @@ def frames_for(gate: str, cfg: Config, out: Path, spark: SparkSession, result) -
             frames["facts"] = _facts(spark, facts)
         return frames
     if gate == "shard":
-        # start-up speed: trainers.data imports torch, only for the shard gate
-        from trainers.data import sha256_of
-
         manifest = json.loads((out / "manifest.json").read_text())
         files = manifest["splits"]["train"]["files"]
         mismatched = sum(sha256_of(out / f["path"]) != f["sha256"] for f in files) + sum(

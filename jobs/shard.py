@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
+from core.hashing import sha256_of
 from core.layout import AUGMENTED_TRAIN_DIR, RunContext, StageResult
-from trainers.data import sha256_of
 from trainers.featurizer import Featurizer
 
 STAGE = "shard"

@@ -29,6 +29,7 @@ from typing import Any
 
 from core.config import TrackingConfig
 from core.errors import ConfigError
+from core.hashing import sha256_of
 from core.layout import StageResult, data_files
 
 log = logging.getLogger("zipfline")
@@ -112,14 +113,6 @@ def _finite(metrics: dict[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _column_type(arrow_type: Any) -> Any:
     """The MLflow column type of a pyarrow type (``any`` for what MLflow has no name for)."""
     import pyarrow as pa  # pyarrow: only when a dataset is logged
@@ -191,7 +184,7 @@ def folder_dataset(folder: Path, context: str) -> Any:
         name = f"{split} shards"
     else:
         files = [p for p in data_files(folder) if p.suffix == ".parquet"]
-        hashes = [_sha256_file(p) for p in files]
+        hashes = [sha256_of(p) for p in files]
         rows = sum(pq.ParquetFile(p).metadata.num_rows for p in files)
         name = f"{folder.name} split"
     if not files:

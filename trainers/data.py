@@ -7,7 +7,6 @@ id array plus row offsets. Batches are gathered with vectorized numpy; no per-ex
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import pyarrow.parquet as pq
 import torch
 
 from core.errors import DataError
+from core.hashing import sha256_of
 
 
 def load_manifest(shard_dir: Path) -> dict[str, Any]:
@@ -36,15 +36,6 @@ def check_featurizer(manifest: dict[str, Any], settings: dict[str, Any], where: 
             f"{where}: shards were featurized with {manifest['featurizer']}, the model expects "
             f"{settings}; rerun the shard stage (--from shard --force)"
         )
-
-
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass
