@@ -243,11 +243,12 @@ class TrainConfig:
     """Optimizer of the embedding table (sparse gradients on CPU); ``sparse_adam`` is CPU only.
     Under the numba kernel ``adagrad`` is row-wise Adagrad (one accumulator per row) and the
     output layer takes the same optimizer and ``lr``."""
-    kernel: Literal["auto", "numba", "torch"] = "auto"
+    kernel: Literal["auto", "numba", "torch"] = "torch"
     """The training loop: ``numba``, fastText's per-example update compiled for the CPU
     (linear model, fp32/fp64, ``sgd`` or ``adagrad``; workers average every ``sync_every``
-    steps); ``torch``, mini-batches through autograd and DDP; ``auto``, numba where it applies
-    (CPU, no hidden layer, fp32/fp64, sgd/adagrad, and ``local_sgd`` mode or one worker)."""
+    steps); ``torch`` (the default for now), mini-batches through autograd and DDP; ``auto``,
+    numba where it applies (CPU, no hidden layer, fp32/fp64, sgd/adagrad, and ``local_sgd``
+    mode or one worker)."""
     threads: int = 1
     """Threads per worker under the numba kernel (Hogwild!: lock-free shared updates, as
     fastText does); 1 is deterministic."""

@@ -99,15 +99,15 @@ def test_featurizer_mismatch_is_refused(tmp_path):
 
 
 def test_kernel_selection_says_what_runs_and_why():
-    auto = TrainConfig(world_size=1)
+    auto = TrainConfig(world_size=1, kernel="auto")
     assert select_kernel(auto, "cpu", (), 1)[0] == "numba"
-    assert select_kernel(TrainConfig(mode="local_sgd"), "cpu", (), 4)[0] == "numba"
+    assert select_kernel(TrainConfig(mode="local_sgd", kernel="auto"), "cpu", (), 4)[0] == "numba"
     for cfg, device, hidden, world, why in (
         (auto, "cuda", (), 1, "CPU"),
         (auto, "cpu", (32,), 1, "linear model"),
-        (TrainConfig(precision="bf16"), "cpu", (), 1, "fp32 or fp64"),
-        (TrainConfig(optimizer="sparse_adam"), "cpu", (), 1, "sgd and adagrad"),
-        (TrainConfig(mode="sync"), "cpu", (), 2, "local_sgd"),
+        (TrainConfig(precision="bf16", kernel="auto"), "cpu", (), 1, "fp32 or fp64"),
+        (TrainConfig(optimizer="sparse_adam", kernel="auto"), "cpu", (), 1, "sgd and adagrad"),
+        (TrainConfig(mode="sync", kernel="auto"), "cpu", (), 2, "local_sgd"),
     ):
         kernel, reason = select_kernel(cfg, device, hidden, world)
         assert kernel == "torch" and why in reason
