@@ -64,9 +64,15 @@ def _loopback_env(local_mode: bool):  # noqa: ANN202
     if not local_mode:
         yield
         return
-    saved = {k: os.environ.get(k) for k in ("GLOO_SOCKET_IFNAME", "MASTER_ADDR", "OMP_NUM_THREADS")}
+    keys = ("GLOO_SOCKET_IFNAME", "MASTER_ADDR", "PET_LOCAL_ADDR", "OMP_NUM_THREADS")
+    saved = {k: os.environ.get(k) for k in keys}
     os.environ["GLOO_SOCKET_IFNAME"] = os.environ.get("GLOO_SOCKET_IFNAME", "lo")
     os.environ["MASTER_ADDR"] = "127.0.0.1"
+    # torchrun (which TorchDistributor's local mode starts with --standalone) otherwise serves its
+    # store on this host's fully qualified name and hands that name to the workers as
+    # MASTER_ADDR: a non-loopback address wherever the name resolves to one. PET_LOCAL_ADDR is
+    # torchrun's --local-addr, read from the environment.
+    os.environ["PET_LOCAL_ADDR"] = "127.0.0.1"
     # One thread per process unless asked otherwise: the processes share this machine's cores.
     os.environ["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "1")
     try:

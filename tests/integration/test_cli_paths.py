@@ -12,12 +12,13 @@ import pandas as pd
 import pytest
 
 from pipelines.cli import main
+from tests.conftest import fresh_store
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_generate_then_spark_submit_one_stage(spark, in_tmp, capsys):
+def test_generate_then_spark_submit_one_stage(spark, in_tmp, mlflow_template, capsys):
     out = in_tmp / "log"
     assert main(["generate", "--out", str(out), "--events", "3000", "--seed", "11", "--format", "jsonl",
                  "--set", "generate.num_queries=500"]) == 0  # fmt: skip
@@ -31,6 +32,7 @@ def test_generate_then_spark_submit_one_stage(spark, in_tmp, capsys):
     # an existing folder is not overwritten without --force
     assert main(["generate", "--out", str(out), "--events", "10"]) == 2
 
+    store = fresh_store(mlflow_template, in_tmp / "submit.db")  # tables made: seconds saved
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYSPARK_")}
     env |= {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", "SPARK_LOCAL_IP": "127.0.0.1",
             "PYSPARK_PYTHON": sys.executable}  # fmt: skip
@@ -39,7 +41,7 @@ def test_generate_then_spark_submit_one_stage(spark, in_tmp, capsys):
          "--conf", "spark.driver.host=127.0.0.1", "--conf", "spark.ui.enabled=false",
          str(REPO / "jobs" / "ingest.py"), "--run-date", "2026-11-05",
          "--set", f"data.raw_path={out}", "--set", f"data.root={in_tmp / 'data'}",
-         "--set", f"tracking.uri=sqlite:///{in_tmp / 'submit.db'}"],
+         "--set", f"tracking.uri={store}"],
         capture_output=True, text=True, timeout=300, env=env, cwd=in_tmp,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -102,7 +102,7 @@ def test_selection_picks_the_uncertain_rows_within_cluster_and_class_caps(spark,
     scored.unpersist()
 
 
-def test_a_registry_without_a_champion_has_none(tmp_path):
+def test_a_registry_without_a_champion_has_none(tmp_path, empty_store):
     cfg = config_for(tmp_path)
     assert fetch_champion(cfg, tmp_path / "dl") is None
 
@@ -116,7 +116,7 @@ def _log(path):
     pd.DataFrame(rows).to_csv(path, index=False)
 
 
-def test_label_import_round_trip_with_conflicts_quarantine_and_lineage(in_tmp, capsys):
+def test_label_import_round_trip_with_conflicts_quarantine_and_lineage(in_tmp, empty_store, capsys):
     raw = in_tmp / "log.csv"
     _log(raw)
     cfg = config_for(in_tmp, f"data.raw_path={raw}")
