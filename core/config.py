@@ -41,10 +41,21 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class GenerateConfig:
+    source: Literal["synthetic", "wordnet"] = "synthetic"
+    """``synthetic``: made-up words that carry their label. ``wordnet``: real English, WordNet's
+    glosses (definitions) labeled by their lexicographer file (``noun.animal``, ``verb.motion``,
+    …; 45 labels, so ``num_labels``, ``words_per_label``, ``ambiguous_fraction`` and
+    ``label_noise`` do not apply), with a held-out test file of glosses the log never shows."""
+    wordnet_dir: str = "/usr/share/wordnet"
+    """WordNet 3 ``dict`` folder (Debian's ``wordnet-base``) for ``source: wordnet``."""
+    test_fraction: float = 0.1
+    """``source: wordnet``: glosses held out of the log, as a share of ``num_queries``, written
+    to ``_test/test.csv`` (``query,label``) for ``data.test_path``."""
     num_events: int = 200_000
     """Events (log lines) to generate."""
     num_queries: int = 20_000
-    """Distinct queries in the generator's universe."""
+    """Distinct queries in the generator's universe (``wordnet``: at most what WordNet has,
+    about 116,000 distinct glosses less the held-out ones)."""
     words_per_label: int = 0
     """Topical vocabulary per label (0: about 3·√(num_queries / num_labels), at least 40)."""
     num_labels: int = 12
@@ -76,7 +87,7 @@ class GenerateConfig:
         if self.zipf_exponent <= 0:
             raise ConfigError(f"generate.zipf_exponent = {self.zipf_exponent}: must be > 0")
         for name in ("unlabeled_fraction", "ambiguous_fraction", "label_noise", "dirty_fraction",
-                     "near_dup_rate"):  # fmt: skip
+                     "near_dup_rate", "test_fraction"):  # fmt: skip
             _check_fraction(f"generate.{name}", getattr(self, name), upper_open=True)
 
 
@@ -235,8 +246,9 @@ class TrainConfig:
     """Steps between model averages in ``local_sgd`` mode."""
     time_budget_s: float = 60.0
     """Wall-clock budget for the whole training; all ranks stop at the same step."""
-    epochs: int = 5
-    """Upper bound on passes over the training shards."""
+    epochs: int | None = None
+    """Optional cap on passes over the training shards (null: none, so the budget or
+    convergence ends the run)."""
     batch_size: int = 256
     """Examples per worker per step."""
     optimizer: Literal["adagrad", "sgd", "sparse_adam"] = "adagrad"
@@ -259,7 +271,9 @@ class TrainConfig:
     dense_lr: float = 0.003
     """Learning rate of the dense optimizer."""
     lr_schedule: Literal["constant", "linear", "cosine"] = "linear"
-    """Decay of both learning rates over the planned steps (``epochs`` × steps per epoch)."""
+    """Decay of both learning rates over the planned steps: as many as the rest of the budget
+    leaves room for at the measured step time (timed after a warm-up, measured again after
+    every evaluation), at most ``epochs`` × steps per epoch."""
     warmup_steps: int = 0
     """Steps of linear warm-up before the schedule."""
     checkpoint_every: int = 200
@@ -267,7 +281,23 @@ class TrainConfig:
     timeout_s: float = 600.0
     """How long a collective waits for a missing rank before the run fails."""
     tolerance: float = 1e-3
-    """ρ: stop early when validation loss improves by less than this after an epoch."""
+    """ρ: an evaluation (one per epoch) improves on the best validation loss so far when it is
+    at least this much lower."""
+    patience: int = 3
+    """Evaluations in a row that do not improve by ``tolerance`` before the run stops as
+    converged."""
+    auto: bool = False
+    """Choose the batch size, a learning-rate cap and the precision from measurements on a
+    probe of the training rows (``zipfline run --budget``); the measuring counts against
+    ``time_budget_s``."""
+    auto_probe_rows: int = 512
+    """``auto``: training rows measured on (per-example gradients, Hessian-vector products)."""
+    auto_grad_rel_error: float = 0.5
+    """``auto``: ε of Chebyshev's batch bound, as a share of the mean gradient's norm."""
+    auto_delta: float = 0.1
+    """``auto``: δ of Chebyshev's batch bound (the chance of missing by more than ε)."""
+    auto_lr_safety: float = 0.5
+    """``auto``: c of the learning-rate cap c · 2/λ_max."""
     use_gpu: bool = False
     """Train on CUDA devices (one per local rank, NCCL) instead of CPU (gloo)."""
     local_mode: bool = True
@@ -277,8 +307,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_positive(
-            self, "train", ("world_size", "epochs", "batch_size", "sync_every", "threads")
-        )
+            self, "train", ("world_size", "batch_size", "sync_every", "threads", "patience",
+                            "auto_probe_rows", "auto_grad_rel_error", "auto_lr_safety"),
+        )  # fmt: skip
+        if not 0 < self.auto_delta < 1:
+            raise ConfigError(f"train.auto_delta = {self.auto_delta}: must be in (0, 1)")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ConfigError(f"train.epochs = {self.epochs}: must be positive, or null for no cap")
         if self.warmup_steps < 0 or self.checkpoint_every < 0:
             raise ConfigError("train.warmup_steps and train.checkpoint_every must be >= 0")
         if self.optimizer == "sparse_adam" and self.use_gpu:

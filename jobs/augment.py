@@ -12,7 +12,6 @@ recreate a held-out query.
 
 from __future__ import annotations
 
-import functools
 import sys
 import zlib
 from collections.abc import Iterator
@@ -28,12 +27,11 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from core.config import AugmentConfig
-from core.errors import EnvironmentProblem
 from core.layout import AUGMENTED_TRAIN_DIR as TRAIN_DIR
 from core.layout import RunContext, StageResult
+from querylog.wordnet import load_synonyms
 
 STAGE = "augment"
-WORDNET_FILES = ("data.noun", "data.verb", "data.adj", "data.adv")
 _KEYBOARD_ROWS = ("qwertyuiop", "asdfghjkl", "zxcvbnm")  # letters only: "iphone 12" → "13"
 # is another product, not a typo
 
@@ -51,50 +49,6 @@ def _keyboard_neighbours() -> dict[str, str]:
 
 
 KEYBOARD = _keyboard_neighbours()
-
-
-def parse_wordnet_data(lines: Iterator[str]) -> list[list[str]]:
-    """The synsets (lists of lemmas) of one WordNet ``data.<pos>`` file.
-
-    A data line is ``offset lex_filenum ss_type w_cnt word lex_id [word lex_id …] …`` with
-    ``w_cnt`` in hex; the licence header lines start with spaces. Lemmas are lower-cased,
-    ``_`` becomes a space and adjective markers such as ``(a)`` are dropped.
-    """
-    synsets = []
-    for line in lines:
-        if not line or line[0] == " ":
-            continue
-        fields = line.split(" ", 4 + 2 * 255)
-        count = int(fields[3], 16)
-        words = []
-        for j in range(count):
-            lemma = fields[4 + 2 * j].split("(", 1)[0].replace("_", " ").lower()
-            if lemma and lemma not in words:
-                words.append(lemma)
-        if len(words) > 1:
-            synsets.append(words)
-    return synsets
-
-
-@functools.lru_cache(maxsize=2)
-def load_synonyms(wordnet_dir: str) -> dict[str, tuple[str, ...]]:
-    """Single-word lemma → its WordNet synonyms (other lemmas of its synsets), sorted."""
-    root = Path(wordnet_dir)
-    missing = [name for name in WORDNET_FILES if not (root / name).is_file()]
-    if missing:
-        raise EnvironmentProblem(
-            f"augment: WordNet not found in {root} (missing {', '.join(missing)}): install "
-            "Debian's wordnet-base package (apt-get install wordnet-base), point "
-            "augment.wordnet_dir at a WordNet 3 dict folder, or set augment.enabled=false"
-        )
-    table: dict[str, set[str]] = {}
-    for name in WORDNET_FILES:
-        with (root / name).open(encoding="utf-8", errors="replace") as fh:
-            for words in parse_wordnet_data(fh):
-                for w in words:
-                    if " " not in w:
-                        table.setdefault(w, set()).update(x for x in words if x != w)
-    return {w: tuple(sorted(s)) for w, s in table.items() if s}
 
 
 def _rng(seed: int, query: str, variant: int) -> np.random.Generator:

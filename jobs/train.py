@@ -7,6 +7,7 @@ the same training needs) and ``model/``, the MLflow pyfunc that predicts from ra
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -22,9 +23,11 @@ from trainers.spec import TrainSpec
 from trainers.trainer import MODEL_FILE, RESULT_FILE
 
 STAGE = "train"
+AUTO_PLAN_FILE = "auto_plan.json"
 TRAIN_METRICS = (
-    "time_used_s", "steps", "step_time_s", "compute_time_s", "comm_fraction", "samples_per_s",
-    "train_loss", "val_loss", "val_accuracy", "epochs_run", "resumed_from_step", "bytes_per_step",
+    "time_used_s", "steps", "planned_steps", "step_time_s", "compute_time_s", "comm_fraction",
+    "samples_per_s", "train_loss", "val_loss", "val_accuracy", "epochs_run", "resumed_from_step",
+    "bytes_per_step",
 )  # fmt: skip
 
 
@@ -35,6 +38,9 @@ def run(ctx: RunContext, out: Path) -> StageResult:
     # failure (with or without --force) resumes; a finished run moves them into its output.
     checkpoints = ctx.run_dir / CHECKPOINT_DIR
     spec = TrainSpec.from_config(ctx.cfg, shard_dir, out, checkpoint_dir=checkpoints)
+    plan_params: dict[str, object] = {}
+    if spec.train.auto:
+        spec, plan_params = _auto(spec, manifest, out)
     spec.write(out / TRAIN_SPEC_FILE)
     _ = ctx.spark  # TorchDistributor runs inside the active Spark session
     result = launch_distributor(spec)
@@ -52,7 +58,8 @@ def run(ctx: RunContext, out: Path) -> StageResult:
             "kernel": result["kernel"],
             "optimizer": result["optimizer"],
             "threads": spec.train.threads,
-        },
+        }
+        | plan_params,
         metrics={k: float(result[k]) for k in TRAIN_METRICS if result.get(k) is not None},
         series={
             "loss": [[step, loss] for step, loss in result["losses"]],
@@ -60,9 +67,27 @@ def run(ctx: RunContext, out: Path) -> StageResult:
             "val_accuracy": [[h["step"], h["val_accuracy"]] for h in result["history"]],
         },
         tags={"stopped_by": result["stopped_by"], "kernel_reason": result["kernel_reason"]},
-        artifacts=[RESULT_FILE, TRAIN_SPEC_FILE],
+        artifacts=[RESULT_FILE, TRAIN_SPEC_FILE, *([AUTO_PLAN_FILE] if plan_params else [])],
         model=MODEL_FILE,
     )
+
+
+def _auto(spec: TrainSpec, manifest: dict, out: Path) -> tuple[TrainSpec, dict[str, object]]:
+    """``train.auto``: measure, print and keep the plan; the spec to train with."""
+    # the probes (torch.func, Hessian-vector products): only for a run that asks for them
+    from trainers.autoplan import auto_params, configure
+
+    print(f"[train] auto: measuring on {spec.train.auto_probe_rows} training rows within the "
+          f"{spec.train.time_budget_s:.0f}s budget …", file=sys.stderr, flush=True)  # fmt: skip
+    tuned, report = configure(spec, manifest)
+    for choice in report["choices"]:
+        print(f"[train] auto: {choice['setting']} = {choice['value']}  ({choice['why']})",
+              file=sys.stderr, flush=True)  # fmt: skip
+    print(f"[train] auto: measuring took {report['measuring_s']:.1f}s; training gets "
+          f"{report['training_budget_s']:.0f}s", file=sys.stderr, flush=True)  # fmt: skip
+    (out / AUTO_PLAN_FILE).write_text(json.dumps(report, indent=2))
+    # the run's budget is the one asked for; the trainer's is what the measuring left of it
+    return tuned, auto_params(report) | {"time_budget_s": report["budget_s"]}
 
 
 if __name__ == "__main__":  # spark-submit jobs/<stage>.py: the CLI's one entry for a stage alone

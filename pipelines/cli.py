@@ -17,7 +17,7 @@ from pathlib import Path
 from core.atomic import atomic_dir
 from core.config import Config, load_config
 from core.errors import ConfigError, ZipflineError
-from core.layout import RunContext
+from core.layout import TRUTH_DIR, RunContext
 from core.spark import get_spark
 from pipelines import flow, retrain
 from pipelines.report import print_report
@@ -70,14 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--to", dest="stop", choices=STAGES, help="last stage to run")
     run.add_argument("--run-date", help="YYYY-MM-DD (default: today, UTC)")
     run.add_argument("--force", action="store_true", help="redo stages that finished before")
+    run.add_argument("--budget", type=parse_duration, metavar="DURATION",
+                     help="training time budget (90, 90s, 10m, 1h) with the setup measured within "
+                          "it: --set train.auto=true --set train.time_budget_s=SECONDS")  # fmt: skip
     run.set_defaults(handler=cmd_run)
 
-    gen = sub.add_parser("generate", help="write a synthetic Zipf query log with known truth")
+    gen = sub.add_parser(
+        "generate", help="write a Zipf query log with known truth (made-up or WordNet text)"
+    )
     _common(gen)
     gen.add_argument("--out", required=True, help="folder to write (must not exist, or --force)")
     gen.add_argument("--events", type=int, help="number of events (default: generate.num_events)")
     gen.add_argument("--seed", type=int, help="seed (default: generate.seed)")
     gen.add_argument("--format", choices=("csv", "jsonl", "parquet"), help="file format")
+    gen.add_argument("--source", choices=("synthetic", "wordnet"),
+                     help="made-up queries, or WordNet's glosses labeled by lexicographer file "
+                          "with a held-out test file (default: generate.source)")  # fmt: skip
     gen.add_argument("--force", action="store_true", help="replace --out if it exists")
     gen.set_defaults(handler=cmd_generate)
 
@@ -115,9 +123,20 @@ def _config(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
     return load_config(args.env, [*args.overrides, *extra])
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def parse_duration(text: str) -> float:
+    """Seconds from ``90``, ``90s``, ``1.5m``, ``10m`` or ``1h``."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text.lower())
+    if not match or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a positive duration in seconds, or with a unit (90, 90s, 10m, 1h)"
+        )
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
 
-    cfg = _config(args)
+
+def cmd_run(args: argparse.Namespace) -> int:
+    budget = getattr(args, "budget", None)
+    extra = ["train.auto=true", f"train.time_budget_s={budget}"] if budget else []
+    cfg = _config(args, extra)
     ctx = RunContext(cfg, args.run_date, force=args.force)
     summary = flow.run_pipeline(ctx, start=args.start, stop=args.stop)
     print(format_summary(summary, cfg))
@@ -281,20 +300,25 @@ def format_summary(summary, cfg: Config) -> str:  # noqa: ANN001
 
 def cmd_generate(args: argparse.Namespace) -> int:
     # start-up speed: the generator imports pyspark (seconds), only for this command
-    from querylog.generator import generate_log
+    from querylog.generator import HELD_OUT_DIR, generate_log
 
     extra = [f"generate.num_events={args.events}"] if args.events is not None else []
     extra += [f"generate.seed={args.seed}"] if args.seed is not None else []
     extra += [f"generate.format={args.format}"] if args.format else []
+    extra += [f"generate.source={args.source}"] if args.source else []
     cfg = _config(args, extra)
     out = Path(args.out).expanduser().resolve()
     if out.exists() and any(out.iterdir()) and not args.force:
         raise ConfigError(f"--out {out}: exists and is not empty (use --force to replace it)")
     with atomic_dir(out) as tmp:
         result = generate_log(get_spark(cfg.spark), cfg.generate, tmp)
-    g = cfg.generate
-    print(f"wrote {result.rows_out:,} events ({g.num_queries:,} distinct queries, {g.num_labels} labels, "
-          f"{g.format}) to {out}; truth in {out / '_truth'}")  # fmt: skip
+    g, m = cfg.generate, result.metrics
+    print(f"wrote {result.rows_out:,} events ({m['num_queries']:,} distinct queries, {m['num_labels']} labels, "
+          f"{g.source}, {g.format}) to {out}; truth in {out / TRUTH_DIR}")  # fmt: skip
+    if "held_out_queries" in m:
+        print(f"held-out test: {m['held_out_queries']:,} glosses the log never shows, in "
+              f"{out / HELD_OUT_DIR}; run with --set data.raw_path={out} "
+              f"--set data.test_path={out / HELD_OUT_DIR}")  # fmt: skip
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The generator: a synthetic Zipf query log with known ground truth.
+"""The generator: a Zipf query log with known ground truth, of made-up queries
+(``generate.source: synthetic``) or of WordNet's real glosses (``wordnet``).
 
 The universe of distinct queries (text, label distribution, popularity) is small and built on
 the driver from the seed; the events are drawn in Spark from ``spark.range`` with a
@@ -9,6 +10,7 @@ distinct query its label distribution, majority label, popularity and Bayes erro
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ import pandas as pd
 
 from core.config import GenerateConfig
 from core.layout import TRUTH_DIR, RunContext, StageResult
+from querylog.wordnet import LEXNAMES, read_synsets
 
 CATEGORIES = (
     "travel", "sports", "finance", "health", "music", "movies", "food", "weather", "shopping",
@@ -30,6 +33,8 @@ _ONSETS = ("b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s",
 _VOWELS = ("a", "e", "i", "o", "u", "ai", "ea", "oo", "ou")
 _CODAS = ("", "", "n", "r", "s", "l", "t", "m", "ck", "nd")
 LONG_QUERY_CHARS = 1500
+HELD_OUT_DIR = "_test"
+"""``source: wordnet``: the held-out test glosses beside the events (readers skip ``_`` paths)."""
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
@@ -82,6 +87,13 @@ def label_names(num_labels: int) -> list[str]:
 
 
 def build_universe(cfg: GenerateConfig) -> Universe:
+    """The universe of ``cfg.source``: made-up queries or WordNet's glosses (driver-side)."""
+    if cfg.source == "wordnet":
+        return wordnet_universe(cfg)[0]
+    return synthetic_universe(cfg)
+
+
+def synthetic_universe(cfg: GenerateConfig) -> Universe:
     """Distinct queries whose words carry their label, with Zipf popularity (driver-side, small)."""
     rng = np.random.default_rng(cfg.seed)
     num_labels = cfg.num_labels
@@ -97,7 +109,7 @@ def build_universe(cfg: GenerateConfig) -> Universe:
     num_base = cfg.num_queries - num_variants
     texts: list[str] = []
     seen: set[str] = set()  # word multisets: "a b" and "b a" are one query unless planted
-    probs = np.zeros((cfg.num_queries, num_labels))
+    probs = np.zeros((num_base, num_labels))
     while len(texts) < num_base:
         primary = int(rng.choice(num_labels, p=prior))
         words = [topical[primary][rng.integers(per_label)] for _ in range(rng.integers(1, 3))]
@@ -117,9 +129,21 @@ def build_universe(cfg: GenerateConfig) -> Universe:
         seen.add(key)
         probs[len(texts)] = row
         texts.append(" ".join(words))
+    return _with_variants_and_traffic(labels, texts, probs, num_variants, cfg, rng)
+
+
+def _with_variants_and_traffic(
+    labels: list[str], texts: list[str], probs: np.ndarray, num_variants: int,
+    cfg: GenerateConfig, rng: np.random.Generator,
+) -> Universe:  # fmt: skip
+    """``texts`` plus ``num_variants`` planted near-duplicates of them (each with its base's
+    label distribution), and Zipf popularity over a random order of all of them."""
+    num_base = len(texts)
+    texts = list(texts)
+    probs = np.vstack([probs, np.zeros((num_variants, len(labels)))])
     group = list(range(num_base))
     taken_texts = set(texts)
-    while len(texts) < cfg.num_queries:
+    while len(texts) < num_base + num_variants:
         base = int(rng.integers(num_base))
         variant = near_duplicate(texts[base], rng)
         if variant is None or variant in taken_texts:
@@ -128,10 +152,62 @@ def build_universe(cfg: GenerateConfig) -> Universe:
         probs[len(texts)] = probs[base]
         texts.append(variant)
         group.append(base)
-    ranks = rng.permutation(cfg.num_queries) + 1
+    ranks = rng.permutation(len(texts)) + 1
     popularity = ranks.astype(np.float64) ** -cfg.zipf_exponent
     popularity /= popularity.sum()
     return Universe(labels, np.asarray(texts, dtype=object), probs, popularity, np.asarray(group))
+
+
+@functools.lru_cache(maxsize=2)
+def wordnet_glosses(wordnet_dir: str) -> tuple[list[str], list[str], np.ndarray]:
+    """WordNet's distinct definitions (spaces collapsed), in sorted order, with the labels that
+    occur and each definition's label distribution (a definition shared by synsets of several
+    lexicographer files is ambiguous: its Bayes error is above zero)."""
+    counts: dict[str, dict[str, int]] = {}
+    for synset in read_synsets(wordnet_dir):
+        text = " ".join(synset.definition.split())
+        if text:
+            by_label = counts.setdefault(text, {})
+            by_label[synset.lexname] = by_label.get(synset.lexname, 0) + 1
+    present = {name for by_label in counts.values() for name in by_label}
+    labels = [name for name in LEXNAMES if name in present] + sorted(present - set(LEXNAMES))
+    column = {name: j for j, name in enumerate(labels)}
+    texts = sorted(counts)
+    probs = np.zeros((len(texts), len(labels)))
+    for i, text in enumerate(texts):
+        for name, n in counts[text].items():
+            probs[i, column[name]] = n
+    probs /= probs.sum(axis=1, keepdims=True)
+    return labels, texts, probs
+
+
+def wordnet_universe(cfg: GenerateConfig) -> tuple[Universe, pd.DataFrame]:
+    """The real-text case: a seeded sample of WordNet's glosses as the distinct queries, labeled
+    by lexicographer file, with planted near-duplicates and Zipf traffic; and the held-out test
+    glosses (``query``, ``label``: the majority label), which neither the log nor a planted
+    variant contains."""
+    labels, texts, probs = wordnet_glosses(cfg.wordnet_dir)
+    rng = np.random.default_rng(cfg.seed)
+    order = rng.permutation(len(texts))
+    held = min(int(round(cfg.num_queries * cfg.test_fraction)), len(texts) // 2)
+    num_variants = int(round(cfg.num_queries * cfg.near_dup_rate / (1 + cfg.near_dup_rate)))
+    num_base = min(cfg.num_queries - num_variants, len(texts) - held)
+    num_variants = min(num_variants, int(round(num_base * cfg.near_dup_rate)))
+    test, base = order[:held], order[held : held + num_base]
+    universe = _with_variants_and_traffic(
+        labels, [texts[i] for i in base], probs[base], num_variants, cfg, rng
+    )
+    held_out = {texts[i] for i in test}
+    keep = [i for i, t in enumerate(universe.texts) if t not in held_out]  # a variant may equal one
+    if len(keep) < len(universe.texts):
+        universe = Universe(labels, universe.texts[keep], universe.probs[keep],
+                            universe.popularity[keep] / universe.popularity[keep].sum(),
+                            universe.group[keep])  # fmt: skip
+    names = np.asarray(labels, dtype=object)
+    test_frame = pd.DataFrame(
+        {"query": [texts[i] for i in test], "label": names[probs[test].argmax(axis=1)]}
+    )
+    return universe, test_frame
 
 
 def near_duplicate(text: str, rng: np.random.Generator) -> str | None:
@@ -202,8 +278,15 @@ def draw_events(ids: np.ndarray, universe: Universe, cfg: GenerateConfig) -> pd.
 
 
 def generate_log(spark, cfg: GenerateConfig, out: Path) -> StageResult:  # noqa: ANN001
-    """Write the events (``cfg.format``, ``cfg.num_files`` files) and the truth under ``out``."""
-    universe = build_universe(cfg)
+    """Write the events (``cfg.format``, ``cfg.num_files`` files) and the truth under ``out``;
+    for ``source: wordnet`` also the held-out test glosses, ``_test/test.csv``."""
+    held_out = None
+    if cfg.source == "wordnet":
+        universe, held_out = wordnet_universe(cfg)
+        (out / HELD_OUT_DIR).mkdir(parents=True, exist_ok=True)
+        held_out.to_csv(out / HELD_OUT_DIR / "test.csv", index=False)
+    else:
+        universe = synthetic_universe(cfg)
     truth = out / TRUTH_DIR
     truth.mkdir(parents=True, exist_ok=True)
     universe.truth_frame().to_parquet(truth / "queries.parquet", index=False)
@@ -238,8 +321,14 @@ def generate_log(spark, cfg: GenerateConfig, out: Path) -> StageResult:  # noqa:
     return StageResult(
         rows_in=cfg.num_events,
         rows_out=cfg.num_events,
-        metrics={"num_queries": cfg.num_queries, "num_labels": cfg.num_labels},
-        params={"events": cfg.num_events, "seed": cfg.seed, "zipf_exponent": cfg.zipf_exponent},
+        metrics={"num_queries": len(universe.texts), "num_labels": len(universe.labels)}
+        | ({"held_out_queries": len(held_out)} if held_out is not None else {}),
+        params={
+            "events": cfg.num_events,
+            "seed": cfg.seed,
+            "zipf_exponent": cfg.zipf_exponent,
+            "source": cfg.source,
+        },  # fmt: skip
     )
 
 

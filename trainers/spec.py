@@ -119,6 +119,7 @@ class TrainSpec:
             "n_train": int(manifest["splits"]["train"]["rows"]),
             "time_budget_s": t.time_budget_s,
             "tolerance": t.tolerance,
+            "patience": t.patience,
             "seed": t.seed,
             "epochs": t.epochs,
             "optimizer": t.optimizer,

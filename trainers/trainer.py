@@ -40,6 +40,8 @@ STOP_CHECK_EVERY = 8  # steps between stop votes: one tiny all-reduce, not one p
 PROBE_EVERY = 25  # steps between compute-only probes that split step time into compute and comm
 LOSS_EVERY = 10  # steps between recorded loss values (rank 0, logged to MLflow in one batch)
 PROGRESS_EVERY_S = 5.0
+PLAN_AFTER_STEPS = 20  # steps timed before the first plan of the learning-rate schedule
+UNPLANNED_STEPS = 10**12  # the schedule's length until then, when no epoch cap bounds it
 KEEP_CHECKPOINTS = 2
 # Fault injection for the resume test: this rank kills itself at this step (first attempt only).
 FAULT_RANK_ENV = "ZIPFLINE_FAULT_KILL_RANK"
@@ -145,11 +147,12 @@ def build_optimizers(model: NgramClassifier, cfg: TrainConfig) -> list[torch.opt
     return [embedding_opt, dense_opt]
 
 
-def lr_factor(step: int, total: int, schedule: str, warmup: int) -> float:
-    """The multiplier of the base learning rates at ``step`` of ``total`` planned steps."""
+def lr_factor(step: int, progress: float, schedule: str, warmup: int) -> float:
+    """The multiplier of the base learning rates at ``step``, ``progress`` (0 to 1) of the way
+    through the planned steps after the warm-up."""
     if warmup and step < warmup:
         return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, max(0.0, progress))
     if schedule == "linear":
         return max(0.0, 1.0 - progress)
     if schedule == "cosine":
@@ -157,8 +160,18 @@ def lr_factor(step: int, total: int, schedule: str, warmup: int) -> float:
     return 1.0
 
 
+def advance(progress: float, step: int, total: int, warmup: int) -> float:
+    """The schedule's progress after ``step``: the rest of the way spread evenly over the steps
+    left of the ``total`` planned. With a fixed plan this is ``(step + 1 - warmup) / (total -
+    warmup)``; when the plan changes (re-measured step time), the schedule bends but never
+    turns back, so the learning rate only decays."""
+    if step < warmup:
+        return progress
+    return min(1.0, progress + (1.0 - progress) / max(total - step, 1))
+
+
 # How long and how far a run goes does not change what a checkpoint holds.
-NOT_IN_FINGERPRINT = ("time_budget_s", "epochs", "timeout_s")
+NOT_IN_FINGERPRINT = ("time_budget_s", "epochs", "timeout_s", "patience")
 
 
 def spec_fingerprint(spec: TrainSpec, manifest: dict[str, Any]) -> str:
@@ -232,7 +245,9 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.losses: list[tuple[int, float]] = []
         self.best_val = math.inf
-        self.total_steps = 1
+        self.evals_without_gain = 0  # evaluations in a row that did not beat best_val by ρ
+        self.total_steps = 1  # the planned steps, over which the learning rates decay
+        self.progress = 0.0  # how far through them the schedule is (see `advance`)
         self.stopped_by: str | None = None  # set once training has ended (kept in checkpoints)
 
     # --- pieces -------------------------------------------------------------------------
@@ -253,7 +268,7 @@ class Trainer:
         return (losses * w).sum() / w.sum().clamp(min=1e-12)
 
     def _set_lr(self) -> None:
-        factor = lr_factor(self.step, self.total_steps, self.cfg.lr_schedule, self.cfg.warmup_steps)
+        factor = lr_factor(self.step, self.progress, self.cfg.lr_schedule, self.cfg.warmup_steps)
         for opt, bases in zip(self.optimizers, self.base_lrs, strict=True):
             for group, base in zip(opt.param_groups, bases, strict=True):
                 group["lr"] = base * factor
@@ -279,7 +294,7 @@ class Trainer:
             fwd_bwd = time.perf_counter() - t0
             for opt in self.optimizers:
                 opt.step()
-        self.step += 1
+        self._count_step()
         return float(loss.detach()), fwd_bwd
 
     @property
@@ -291,11 +306,17 @@ class Trainer:
 
     def kernel_lr_range(self) -> tuple[float, float]:
         """The numba kernel's learning rate at this step's start and end (the next step's)."""
-        cfg = self.cfg
-        return tuple(
-            cfg.lr * lr_factor(step, self.total_steps, cfg.lr_schedule, cfg.warmup_steps)
-            for step in (self.step, self.step + 1)
+        cfg, warmup = self.cfg, self.cfg.warmup_steps
+        after = advance(self.progress, self.step, self.total_steps, warmup)
+        return (
+            cfg.lr * lr_factor(self.step, self.progress, cfg.lr_schedule, warmup),
+            cfg.lr * lr_factor(self.step + 1, after, cfg.lr_schedule, warmup),
         )
+
+    def _count_step(self) -> None:
+        """One more step done: the step counter and the schedule's progress move on."""
+        self.progress = advance(self.progress, self.step, self.total_steps, self.cfg.warmup_steps)
+        self.step += 1
 
     def kernel_step(self, rows: np.ndarray) -> float:
         """One step of the numba kernel: the examples ``rows`` one by one, the learning rate
@@ -309,7 +330,7 @@ class Trainer:
             optimizer=KERNEL_OPTIMIZER[cfg.optimizer], threads=cfg.threads,
             touched=self._touched.numpy(),  # the rows to average at the next meeting
         )  # fmt: skip
-        self.step += 1
+        self._count_step()
         weight = float((data.weights[rows] * (data.labels[rows] >= 0)).sum())
         return total / max(weight, 1e-12)
 
@@ -411,6 +432,18 @@ class Trainer:
         dist.all_reduce(vote, op=dist.ReduceOp.MAX)
         return bool(vote.item() > 0)
 
+    def _plan(self, start: float, launch: tuple[float, int], cap: int | None) -> None:
+        """Plan the steps the learning rates decay over: those the rest of the budget leaves
+        room for at this launch's wall time per step so far (evaluations and checkpoints
+        included), at most ``cap``; every rank takes the smallest plan."""
+        now = time.monotonic()
+        per_step = (now - launch[0]) / max(self.step - launch[1], 1)
+        room = max(self.cfg.time_budget_s - (now - start), 0.0) / max(per_step, 1e-9)
+        planned = torch.tensor([float(self.step + math.floor(room))], device=self.device)
+        dist.all_reduce(planned, op=dist.ReduceOp.MIN)
+        total = int(planned.item()) if cap is None else min(cap, int(planned.item()))
+        self.total_steps = max(total, self.step + 1)
+
     def _steps_per_epoch(self) -> int:
         local = torch.tensor([math.ceil(self.train_data.num_rows / self.cfg.batch_size)],
                              device=self.device)  # fmt: skip
@@ -431,6 +464,8 @@ class Trainer:
             "history": self.history,
             "losses": self.losses,
             "best_val": self.best_val,
+            "evals_without_gain": self.evals_without_gain,
+            "progress": self.progress,
             "stopped_by": self.stopped_by,
             "fingerprint": self.fingerprint,
             "kernel_state": self.kernel_state,
@@ -449,6 +484,8 @@ class Trainer:
         self.history = list(state["history"])
         self.losses = [tuple(x) for x in state["losses"]]
         self.best_val = float(state["best_val"])
+        self.evals_without_gain = int(state.get("evals_without_gain", 0))
+        self.progress = float(state.get("progress", 0.0))
         self.stopped_by = state.get("stopped_by")
         for name, value in (state.get("kernel_state") or {}).items():
             self.kernel_state[name].copy_(value)
@@ -519,14 +556,17 @@ class Trainer:
         steps_per_epoch = self._steps_per_epoch()
         if steps_per_epoch == 0:
             raise ConfigError("no training rows on some rank: more data or fewer train.world_size")
-        self.total_steps = steps_per_epoch * self.cfg.epochs
+        max_epochs = self.cfg.epochs or math.inf
+        cap = steps_per_epoch * self.cfg.epochs if self.cfg.epochs else None
+        self.total_steps = cap or UNPLANNED_STEPS
+        launch = (time.monotonic(), self.step)
         every = self.cfg.checkpoint_every
         stopped_by = self.stopped_by or "epochs"
         step_seconds = probe_seconds = probe_fwd_bwd = probe_steps_seconds = 0.0
         samples = 0
         last_progress = time.monotonic()
         loss = math.nan
-        while self.stopped_by is None and self.epoch < self.cfg.epochs:
+        while self.stopped_by is None and self.epoch < max_epochs:
             epoch = self.epoch
             order = np.random.default_rng([self.cfg.seed, epoch, self.rank]).permutation(
                 self.train_data.num_rows
@@ -565,6 +605,8 @@ class Trainer:
                 ):
                     out_of_time = True
                     break
+                if self.step - launch[1] == PLAN_AFTER_STEPS:
+                    self._plan(start, launch, cap)
                 now = time.monotonic()
                 if self.rank == 0 and now - last_progress >= PROGRESS_EVERY_S:
                     print(f"[train] epoch {epoch + 1} step {i + 1}/{steps_per_epoch} loss {loss:.4f} "
@@ -580,14 +622,19 @@ class Trainer:
                 break
             self.epoch += 1
             self.step_in_epoch = 0
-            improvement = self.best_val - metrics["val_loss"]
+            if self.best_val - metrics["val_loss"] >= self.cfg.tolerance:
+                self.evals_without_gain = 0
+            else:
+                self.evals_without_gain += 1
             self.best_val = min(self.best_val, metrics["val_loss"])
-            if self.spec.early_stop and improvement < self.cfg.tolerance:
+            if self.spec.early_stop and self.evals_without_gain >= self.cfg.patience:
                 stopped_by = "converged"
                 break
             if self._agree(time.monotonic() - start >= budget):
                 stopped_by = "budget"
                 break
+            if self.epoch < max_epochs:
+                self._plan(start, launch, cap)
         time_used = time.monotonic() - start
         self.stopped_by = stopped_by
         self.save_checkpoint(time_used)
@@ -606,6 +653,7 @@ class Trainer:
             "train_rows": self.train_data.num_rows,
             "time_used_s": time_used,
             "steps": self.step,
+            "planned_steps": min(self.total_steps, UNPLANNED_STEPS - 1),
             "resumed_from_step": self.resumed_from_step,
             "epochs_run": len(self.history),
             "step_time_s": step_time,
@@ -636,7 +684,11 @@ class Trainer:
         (ranks / f"rank-{self.rank}.json").write_text(
             json.dumps(
                 {k: result[k] for k in ("steps", "stopped_by", "epochs_run")}
-                | {"rank": self.rank, "param_checksum": self.param_checksum()}
+                | {
+                    "rank": self.rank,
+                    "param_checksum": self.param_checksum(),
+                    "master_addr": os.environ.get("MASTER_ADDR"),
+                }  # fmt: skip
             )
         )
         dist.barrier()

@@ -1,4 +1,8 @@
-"""The whole flow, end to end: real Spark, real MLflow (sqlite), real 2-process DDP (gloo)."""
+"""The whole flow, end to end: real Spark, real MLflow (sqlite), real 2-process DDP (gloo).
+
+The generated flow is the session's shared run (``tests/conftest.py``: every stage, augment
+on, run once by the command line); the reruns work on a copy of it.
+"""
 
 from __future__ import annotations
 
@@ -10,40 +14,30 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
-from core.config import TrackingConfig
 from pipelines.cli import main
 from pipelines.report import report_data
 from pipelines.stages import NAMES as STAGES
 from querylog.neardup import pair_scores
-from tests.conftest import WORDNET
+from tests.conftest import SHARED_SMALL, sets
 from trainers.data import read_split
 from trainers.serving import Predictor
 
 pytestmark = pytest.mark.integration
 
-SMALL = [
-    "generate.num_events=6000", "generate.num_queries=800", "generate.num_labels=6",
-    "generate.dirty_fraction=0.01", "featurizer.num_buckets=65536", "model.dim=32",
-    "train.time_budget_s=40", "train.epochs=8", "train.batch_size=64",
-    "spark.master=local[2]", "spark.shuffle_partitions=4",
-]  # fmt: skip
+
+def _runs(client: MlflowClient, data: dict, filter_string: str) -> list:
+    experiment = client.get_run(data["run_id"]).info.experiment_id
+    return client.search_runs([experiment], filter_string)
 
 
-def _sets(*items):
-    return [arg for item in items for arg in ("--set", item)]
+def test_generated_flow_end_to_end(shared_run):
+    run = shared_run  # `zipfline run` of the generated log, every stage (read only)
+    assert "MLflow run" in run.out and "make ui" in run.out
+    assert "[8/9] evaluate" in run.err and "[9/9] select" in run.err  # progress lines
 
-
-def test_generated_flow_end_to_end(spark, in_tmp, capsys):
-    argv = ["run", "--run-date", "2026-11-01",
-            *_sets(*SMALL, "augment.enabled=true", f"augment.wordnet_dir={WORDNET}")]  # fmt: skip
-    assert main(argv) == 0
-    out = capsys.readouterr()
-    assert "MLflow run" in out.out and "make ui" in out.out
-    assert "[8/9] evaluate" in out.err and "[9/9] select" in out.err  # progress lines
-
-    tracking = TrackingConfig(uri="sqlite:///mlflow.db")
-    data = report_data(tracking)
+    data = report_data(run.tracking)
     assert data["status"] == "FINISHED" and data["trigger"] == "manual"
     assert list(data["stages"]) == list(STAGES)
     for name, stage in data["stages"].items():
@@ -56,7 +50,7 @@ def test_generated_flow_end_to_end(spark, in_tmp, capsys):
     assert {"empty_query", "too_long"} <= set(ingest["quarantined_by_reason"])
     assert data["stages"]["dedupe"]["clusters"] < data["stages"]["dedupe"]["rows_out"]  # near-dups
     # the planted near-duplicates are found, and little else is merged
-    run_dir = in_tmp / "data" / "2026-11-01"
+    run_dir = run.run_dir
     rows = pd.read_parquet(run_dir / "dedupe" / "rows").set_index("query")
     truth = pd.read_parquet(run_dir / "generate" / "_truth" / "queries.parquet").set_index("query")
     precision, recall = pair_scores(rows["cluster_id"], truth["group"])
@@ -89,22 +83,26 @@ def test_generated_flow_end_to_end(spark, in_tmp, capsys):
     assert data["test_error"] >= data["bayes_error"] - 0.05
 
     # the model in MLflow predicts from raw text exactly as the trainer saw the shards
-    client = mlflow.tracking.MlflowClient()
-    train_run = next(r for r in client.search_runs([client.get_run(data["run_id"]).info.experiment_id],
-                                                   "tags.stage = 'train'"))  # fmt: skip
+    client = MlflowClient(run.tracking.uri)
+    train_run = next(iter(_runs(client, data, "tags.stage = 'train'")))
     for gate in ("ingest", "dedupe", "split", "shard"):  # every gate passes on clean data
         assert data["stages"][gate][f"dq_{gate}_success"] == 1, gate
         assert data["stages"][gate][f"dq_{gate}_unexpected"] == 0, gate
-    ingest_run = next(r for r in client.search_runs([client.get_run(data["run_id"]).info.experiment_id],
-                                                    "tags.stage = 'ingest'"))  # fmt: skip
+    ingest_run = next(iter(_runs(client, data, "tags.stage = 'ingest'")))
     logged = {a.path for a in client.list_artifacts(ingest_run.info.run_id, "dq")}
     assert {"dq/ingest.rows.json", "dq/ingest.rows.html", "dq/ingest.summary.json"} <= logged
+    mlflow.set_tracking_uri(run.tracking.uri)
     served = mlflow.pyfunc.load_model(f"runs:/{train_run.info.run_id}/model")
-    shard_dir = in_tmp / "data" / "2026-11-01" / "shard"
+    shard_dir = run_dir / "shard"
     queries = pd.read_parquet(shard_dir / "validation-00000.parquet")["query"].tolist()
     raw = [q.upper() + "  " for q in queries]  # raw text, as a user would send it
     from_text = np.vstack(served.predict(pd.DataFrame({"query": raw}))["probabilities"])
-    predictor = Predictor.from_file(in_tmp / "data" / "2026-11-01" / "train" / "model.pt")
+    predictor = Predictor.from_file(run_dir / "train" / "model.pt")
+    # TorchDistributor's processes met on the loopback address, not on this host's name
+    ranks = [
+        json.loads(p.read_text()) for p in sorted((run_dir / "train" / "ranks").glob("*.json"))
+    ]
+    assert [r["master_addr"] for r in ranks] == ["127.0.0.1", "127.0.0.1"]
     val = read_split(shard_dir, "validation", 0, 1)
     ids, offsets, _, _ = val.batch(np.arange(len(queries)))
     with torch.no_grad():
@@ -118,33 +116,50 @@ def test_generated_flow_end_to_end(spark, in_tmp, capsys):
     if "err_approx" in data:
         total = data["err_approx"] + data["err_estim"] + data["err_optim"]
         assert total == pytest.approx(data["test_error"] - data["bayes_error"], abs=1e-9)
-    cache = list((in_tmp / "data" / "_reference_cache").glob("*.json"))
+    cache = list((run.root / "_reference_cache").glob("*.json"))
     assert len(cache) == 1 and len(json.loads(cache[0].read_text())) == 4
 
-    _check_the_mlflow_ui(data)
+    _check_the_mlflow_ui(data, run.tracking.uri)
 
-    # the first model becomes the champion; the same model again does not beat it by the margin
+    # the first model becomes the champion
     assert data["promotion"] == "accepted" and data["promotion_reason"] == "no champion yet"
     champion = client.get_model_version_by_alias("zipfline", "champion")
     assert str(champion.version) == data["model_version"] == "1"
     assert data["test_error_ci_low"] <= data["test_error"] <= data["test_error_ci_high"]
     assert "→" in data["top_confusions"]
+
+
+def test_reruns_of_the_flow_redo_what_changed_and_reuse_the_rest(finished_run, capsys):
+    """On a copy of the shared run: the registry's verdict on the same model again, the
+    cached reference runs, the trade-off sweep on its shards, reuse by fingerprint, report."""
+    run = finished_run
+    data = report_data(run.tracking)  # the shared run, from the copy's store
+    client = MlflowClient(run.tracking.uri)
+
+    # registry settings are evaluate's: it runs again (train reused) and registers the model
+    # again; the same model does not beat the champion by the margin
     capsys.readouterr()
-    # registry settings are evaluate's: it runs again (train reused) and registers the model again
-    assert main([*argv, "--set", "registry.margin=1"]) == 0
-    again = report_data(tracking)
+    assert main(run.argv("registry.margin=1")) == 0
+    assert "[7/9] train     reused (same settings and inputs)" in capsys.readouterr().err
+    again = report_data(run.tracking)
     assert again["promotion"] == "rejected" and again["model_version"] == "2"
     assert "does not beat the champion's" in again["promotion_reason"]
     assert str(client.get_model_version_by_alias("zipfline", "champion").version) == "1"
     assert client.get_model_version("zipfline", "2").tags["promotion"] == "rejected"
 
-    capsys.readouterr()  # evaluating again reuses the cached reference runs
-    assert main([*argv, "--from", "evaluate", "--force", "--set", "registry.enabled=false"]) == 0
-    assert "reference runs from cache" in capsys.readouterr().err
-    assert report_data(tracking)["err_optim"] == pytest.approx(data["err_optim"])
+    # a stage whose settings changed runs again, and so does every stage after it; evaluating
+    # again reuses the cached reference runs
+    capsys.readouterr()
+    changed = ("eval.breadth_recall=0.5", "registry.enabled=false")
+    assert main(run.argv(*changed)) == 0
+    err = capsys.readouterr().err
+    assert "[7/9] train     reused (same settings and inputs)" in err
+    assert "[8/9] evaluate  running (settings or inputs changed)" in err
+    assert "[9/9] select    running (settings or inputs changed)" in err
+    assert "reference runs from cache" in err
+    assert report_data(run.tracking)["err_optim"] == pytest.approx(data["err_optim"])
 
-    eval_run = next(r for r in client.search_runs([client.get_run(data["run_id"]).info.experiment_id],
-                                                  "tags.stage = 'evaluate'"))  # fmt: skip
+    eval_run = _runs(client, data, "tags.stage = 'evaluate'")[0]
     plots = {a.path for a in client.list_artifacts(eval_run.info.run_id, "plots")}
     assert "plots/accuracy_by_bucket.png" in plots and "plots/learning_curve.png" in plots
 
@@ -152,11 +167,10 @@ def test_generated_flow_end_to_end(spark, in_tmp, capsys):
     capsys.readouterr()
     grid = ["sweep.budgets_s=[0.5, 2]", "sweep.fractions=[0.5, 1.0]", "sweep.dims=[8]",
             "sweep.precisions=[fp32]"]  # fmt: skip
-    assert main(["sweep", "--run-date", "2026-11-01", *_sets(*SMALL, *grid)]) == 0
+    assert main(["sweep", "--run-date", run.run_date, *run.sets(*grid)]) == 0
     printed = capsys.readouterr().out
     assert "best configuration per budget:" in printed and "     2 s: n=" in printed
-    sweep_run = client.search_runs([client.get_run(data["run_id"]).info.experiment_id],
-                                   "tags.`zipfline.kind` = 'sweep'")[0]  # fmt: skip
+    sweep_run = _runs(client, data, "tags.`zipfline.kind` = 'sweep'")[0]
     points = client.search_runs([sweep_run.info.experiment_id],
                                 f"tags.mlflow.parentRunId = '{sweep_run.info.run_id}'")  # fmt: skip
     assert len(points) == 4 and all("test_error" in p.data.metrics for p in points)
@@ -166,27 +180,21 @@ def test_generated_flow_end_to_end(spark, in_tmp, capsys):
         "sweep.json",
     }
 
-    # a stage whose settings changed runs again, and so does every stage after it; a rerun
-    # with the same settings and inputs reuses every stage and is tracked as a new run
-    capsys.readouterr()
-    assert main([*argv, "--set", "eval.breadth_recall=0.5", "--set", "registry.enabled=false"]) == 0
-    err = capsys.readouterr().err
-    assert "[7/9] train     reused (same settings and inputs)" in err
-    assert "[8/9] evaluate  running (settings or inputs changed)" in err
-    assert "[9/9] select    running (settings or inputs changed)" in err
-    assert main([*argv, "--set", "eval.breadth_recall=0.5", "--set", "registry.enabled=false"]) == 0
-    rerun = report_data(tracking)
+    # a rerun with the same settings and inputs reuses every stage and is tracked as a new run
+    assert main(run.argv(*changed)) == 0
+    rerun = report_data(run.tracking)
     assert rerun["run_id"] != data["run_id"]
     assert all(s["skipped"] for s in rerun["stages"].values())
     capsys.readouterr()
-    assert main(["report", "--json"]) == 0
+    tracking = sets(f"tracking.uri={run.tracking.uri}")
+    assert main(["report", "--json", *tracking]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["run_id"] == rerun["run_id"] and "stages" in printed
-    assert main(["report", data["run_id"]]) == 0
+    assert main(["report", data["run_id"], *tracking]) == 0
     assert "dedupe" in capsys.readouterr().out
 
 
-def test_user_csv_folder_flow(spark, in_tmp, capsys):
+def test_user_csv_folder_flow(spark, in_tmp, empty_store, capsys):
     """A folder of CSV files with query,label that zipfline did not generate."""
     rng = random.Random(5)
     topics = {
@@ -206,16 +214,24 @@ def test_user_csv_folder_flow(spark, in_tmp, capsys):
             rows.append({"query": " ".join(words).strip(), "label": label})
         rows.append({"query": "", "label": "books"})
         pd.DataFrame(rows).to_csv(raw / f"part-{part}.csv", index=False)
-    argv = [
-        "run",
-        "--run-date",
-        "2026-11-02",
-        *_sets(*SMALL, f"data.raw_path={raw}", "train.time_budget_s=20"),
-    ]
+    tracking = [f"tracking.uri={empty_store}", f"data.root={in_tmp / 'data'}"]
+    # --budget: the training setup measured within 20 s, no epoch cap
+    argv = ["run", "--run-date", "2026-11-02", "--budget", "20",
+            *sets(*SHARED_SMALL, *tracking, f"data.raw_path={raw}", "train.epochs=null")]  # fmt: skip
     assert main(argv) == 0
-    capsys.readouterr()
-    assert main(["report", "--json"]) == 0
+    err = capsys.readouterr().err
+    assert "[train] auto: train.batch_size = " in err and "Chebyshev" in err
+    assert main(["report", "--json", *sets(*tracking)]) == 0
     data = json.loads(capsys.readouterr().out)
+    assert data["stopped_by"] in ("budget", "converged")  # never by epochs without a cap
+    assert float(data["time_budget_s"]) == 20.0
+    client = MlflowClient(empty_store)
+    train_run = next(iter(_runs(client, data, "tags.stage = 'train'")))
+    params = train_run.data.params
+    assert params["auto.batch_size"] == params["batch_size"]
+    assert float(params["auto.lr.lambda_max"]) > 0 and float(params["auto.batch_size.sigma2"]) > 0
+    assert params["auto.precision"] in ("fp32", "bf16")
+    assert "auto_plan.json" in {a.path for a in client.list_artifacts(train_run.info.run_id)}
     assert "generate" not in data["stages"]
     assert data["stages"]["ingest"]["rows_in"] == 2103
     assert data["stages"]["ingest"]["quarantined_by_reason"] == {"empty_query": 3}
@@ -238,9 +254,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _check_the_mlflow_ui(data: dict) -> None:
-    """Start the MLflow UI on 127.0.0.1 as `make ui` does and read the run through its REST API:
-    its metrics (stage counts, gates, the decomposition), tags and artifacts."""
+def _check_the_mlflow_ui(data: dict, store: str) -> None:
+    """Start the MLflow UI on 127.0.0.1 as `make ui` does (without MLflow's job runner and its
+    seven queue consumers, which serve jobs this check does not use) and read the run through
+    its REST API: its metrics (stage counts, gates, the decomposition), tags and artifacts."""
+    import os
     import subprocess
     import sys
     import time
@@ -250,9 +268,10 @@ def _check_the_mlflow_ui(data: dict) -> None:
     port = _free_port()
     mlflow_bin = Path(sys.executable).parent / "mlflow"
     server = subprocess.Popen(
-        [str(mlflow_bin), "ui", "--backend-store-uri", "sqlite:///mlflow.db", "--host",
+        [str(mlflow_bin), "ui", "--backend-store-uri", store, "--host",
          "127.0.0.1", "--port", str(port), "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
 
@@ -273,7 +292,7 @@ def _check_the_mlflow_ui(data: dict) -> None:
             except OSError:
                 assert server.poll() is None, "mlflow ui exited"
                 assert time.monotonic() < deadline, "mlflow ui did not answer within 90 s"
-                time.sleep(1)
+                time.sleep(0.5)
         run = get(f"/api/2.0/mlflow/runs/get?run_id={data['run_id']}")["run"]
         metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
         tags = {t["key"]: t["value"] for t in run["data"]["tags"]}

@@ -141,16 +141,35 @@ def test_a_single_rank_stops_on_the_budget(shards, tmp_path):
 
 def test_convergence_stops_early_only_when_allowed(shards, tmp_path):
     cfg, shard_dir = shards
-    # any epoch after the first improves validation loss by less than a tolerance of 100
-    spec = _spec(cfg, shard_dir, tmp_path / "a", world_size=1, epochs=4, tolerance=100.0,
-                 checkpoint_every=0, early_stop=True)  # fmt: skip
-    result, _ = _train_here(spec, tmp_path)
-    assert result["stopped_by"] == "converged" and result["epochs_run"] == 2
-    assert len(result["history"]) == 2
+    # any epoch after the first improves validation loss by less than a tolerance of 100: the
+    # run stops after `patience` such evaluations in a row, with no epoch cap
+    for patience in (1, 2):
+        spec = _spec(cfg, shard_dir, tmp_path / f"p{patience}", world_size=1, epochs=None,
+                     tolerance=100.0, patience=patience, checkpoint_every=0, time_budget_s=120,
+                     early_stop=True)  # fmt: skip
+        result, _ = _train_here(spec, tmp_path)
+        assert result["stopped_by"] == "converged" and result["epochs_run"] == 1 + patience
+        assert len(result["history"]) == 1 + patience
     spec = _spec(cfg, shard_dir, tmp_path / "b", world_size=1, epochs=4, tolerance=100.0,
                  checkpoint_every=0, early_stop=False)  # fmt: skip
     result, _ = _train_here(spec, tmp_path)
     assert result["stopped_by"] == "epochs" and result["epochs_run"] == 4
+
+
+def test_a_budget_run_decays_its_learning_rate_over_the_budget(shards, tmp_path):
+    """No epoch cap: the schedule is planned from the step time measured after a warm-up and
+    after each evaluation, so the learning rate reaches about zero as the budget runs out."""
+    cfg, shard_dir = shards
+    spec = _spec(cfg, shard_dir, tmp_path, world_size=1, epochs=None, time_budget_s=2.0,
+                 batch_size=8, checkpoint_every=0, lr_schedule="linear", lr=0.4)  # fmt: skip
+    result, trainer = _train_here(spec, tmp_path, _RecordingTrainer)
+    assert result["stopped_by"] == "budget"
+    emb = [lrs[0] for lrs in trainer.lrs]
+    assert emb[0] == pytest.approx(0.4)  # not decayed before the first plan
+    assert emb[-1] < 0.4 * 0.25  # spent: most of the decay happened within the budget
+    assert emb == sorted(emb, reverse=True)  # re-planning bends the schedule, never turns it back
+    # the plan foresaw the run's length
+    assert result["planned_steps"] == pytest.approx(result["steps"], rel=0.3)
 
 
 class _RecordingTrainer(Trainer):
@@ -183,7 +202,7 @@ def test_learning_rates_follow_the_schedule(shards, tmp_path, kernel):
     total = trainer.total_steps
     assert total == result["steps"] == len(trainer.lrs) > warmup
     for step, (emb_lr, dense_lr) in enumerate(trainer.lrs):
-        factor = lr_factor(step, total, "cosine", warmup)
+        factor = lr_factor(step, max(0, step - warmup) / (total - warmup), "cosine", warmup)
         dense = 0.02 if kernel == "torch" else 0.4
         assert emb_lr == pytest.approx(0.4 * factor) and dense_lr == pytest.approx(dense * factor)
     emb = [lrs[0] for lrs in trainer.lrs]

@@ -10,8 +10,6 @@ from core.errors import ConfigError, EnvironmentProblem
 from jobs.augment import (
     KEYBOARD,
     keyboard_typo,
-    load_synonyms,
-    parse_wordnet_data,
     random_delete,
     random_insert,
     random_swap,
@@ -19,6 +17,7 @@ from jobs.augment import (
     variants_of,
 )
 from querylog.neardup import edit_distance
+from querylog.wordnet import load_synonyms, parse_wordnet_data
 from tests.conftest import WORDNET, config_for
 
 SYN = {"cheap": ("inexpensive",), "car": ("auto", "automobile"), "flight": ("flying",)}

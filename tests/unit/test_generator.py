@@ -69,3 +69,42 @@ def test_vocabulary_size_is_a_knob():
     large = build_universe(GenerateConfig(num_queries=2000, words_per_label=400, seed=3))
     vocab = lambda u: len({w for t in u.texts for w in t.split()})  # noqa: E731
     assert vocab(large) > 2 * vocab(small)
+
+
+def test_wordnet_case_is_real_glosses_labeled_by_lexicographer_file_with_a_held_out_test():
+    from querylog.generator import wordnet_universe
+    from querylog.wordnet import read_synsets
+    from tests.conftest import WORDNET
+
+    cfg = GenerateConfig(source="wordnet", wordnet_dir=str(WORDNET), num_queries=300,
+                         test_fraction=0.2, near_dup_rate=0.1, seed=5)  # fmt: skip
+    universe, test = wordnet_universe(cfg)
+    synsets = list(read_synsets(str(WORDNET)))
+    label_of = {" ".join(s.definition.split()): s.lexname for s in synsets}
+    base = universe.group == np.arange(len(universe.group))
+    # the log's base queries are glosses, each labeled by its own synset's file
+    for text, probs in zip(universe.texts[base], universe.probs[base], strict=True):
+        assert universe.labels[int(probs.argmax())] == label_of[text]
+    assert {"noun.artifact", "verb.motion"} <= set(universe.labels) <= set(label_of.values())
+    # planted variants copy a base gloss's labels; none is a held-out gloss
+    variants = np.flatnonzero(~base)
+    assert len(variants) > 0
+    assert all((universe.probs[i] == universe.probs[universe.group[i]]).all() for i in variants)
+    assert len(test) == 60 and not set(test["query"]) & set(universe.texts)
+    assert all(label_of[q] == label for q, label in zip(test["query"], test["label"], strict=True))
+    assert np.isclose(universe.popularity.sum(), 1.0)
+    # deterministic per seed; another seed holds out other glosses
+    assert wordnet_universe(cfg)[1].equals(test)
+    other = wordnet_universe(GenerateConfig(**{**cfg.__dict__, "seed": 6}))[1]
+    assert set(other["query"]) != set(test["query"])
+    # events are drawn from it as from the synthetic universe, mess included
+    events = draw_events(np.arange(5000), universe, cfg)
+    assert set(events["label"]) - {""} <= set(universe.labels)
+
+
+def test_the_wordnet_case_without_wordnet_names_the_package(tmp_path):
+    from core.errors import EnvironmentProblem
+
+    cfg = GenerateConfig(source="wordnet", wordnet_dir=str(tmp_path))
+    with pytest.raises(EnvironmentProblem, match="wordnet-base.*generate.wordnet_dir"):
+        build_universe(cfg)

@@ -88,3 +88,19 @@ def test_one_line_finds_the_worker_error():
     )
     assert one_line(exc) == "ValueError: bad thing"
     assert one_line(KeyError("k")) == "KeyError: 'k'"
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("90", 90), ("90s", 90), ("1.5m", 90), ("10m", 600),
+                                               ("1h", 3600), (" 2 H ", 7200)])  # fmt: skip
+def test_budget_durations(text, seconds):
+    from pipelines.cli import parse_duration
+
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["", "0", "-5", "ten", "5d", "1h30m"])
+def test_a_bad_budget_is_a_usage_error(bad, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--budget", bad])
+    assert exit_.value.code == 2 and "positive duration" in capsys.readouterr().err

@@ -10,20 +10,44 @@ from core.errors import ConfigError
 from trainers.featurizer import Featurizer
 from trainers.model import ModelSpec, NgramClassifier
 from trainers.spec import TrainSpec
-from trainers.trainer import build_optimizers, lr_factor, spec_fingerprint
+from trainers.trainer import advance, build_optimizers, lr_factor, spec_fingerprint
 
 CFG = TrainConfig(optimizer="adagrad", lr=0.5, dense_optimizer="adam", dense_lr=0.01)
 
 
 def test_schedules():
-    assert lr_factor(0, 100, "constant", 0) == 1.0
-    assert lr_factor(50, 100, "linear", 0) == pytest.approx(0.5)
-    assert lr_factor(100, 100, "linear", 0) == 0.0
-    assert lr_factor(50, 100, "cosine", 0) == pytest.approx(0.5)
-    assert lr_factor(0, 100, "cosine", 0) == pytest.approx(1.0)
+    assert lr_factor(0, 0.0, "constant", 0) == 1.0
+    assert lr_factor(50, 0.5, "linear", 0) == pytest.approx(0.5)
+    assert lr_factor(100, 1.0, "linear", 0) == 0.0
+    assert lr_factor(50, 0.5, "cosine", 0) == pytest.approx(0.5)
+    assert lr_factor(0, 0.0, "cosine", 0) == pytest.approx(1.0)
     # warm-up climbs linearly to 1, then the schedule starts from the top
-    assert [lr_factor(s, 100, "linear", 4) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert lr_factor(4, 100, "linear", 4) == pytest.approx(1.0)
+    assert [lr_factor(s, 0.0, "linear", 4) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(4, 0.0, "linear", 4) == pytest.approx(1.0)
+
+
+def _progress(total: int, warmup: int, steps: int, replan: dict[int, int] | None = None) -> list:
+    out, progress = [0.0], 0.0
+    for step in range(steps):
+        total = (replan or {}).get(step, total)
+        progress = advance(progress, step, total, warmup)
+        out.append(progress)
+    return out
+
+
+def test_a_fixed_plan_advances_linearly_and_a_new_plan_bends_without_turning_back():
+    # a fixed plan: the closed form (step - warmup) / (total - warmup)
+    fixed = _progress(100, 4, 100)
+    for step, progress in enumerate(fixed):
+        assert progress == pytest.approx(max(0, step - 4) / 96, abs=1e-12)
+    assert fixed[100] == pytest.approx(1.0)
+    # the plan grows, then shrinks below the steps done: progress keeps rising, reaches 1
+    bent = _progress(100, 0, 130, replan={30: 200, 60: 50})
+    assert bent == sorted(bent) and bent[30] == pytest.approx(0.3)
+    assert bent[31] - bent[30] == pytest.approx(0.7 / 170)  # the rest over the new plan
+    assert bent[61] == 1.0 and bent[-1] == 1.0  # past the plan: no learning rate left
+    factors = [lr_factor(s, p, "cosine", 0) for s, p in enumerate(bent)]
+    assert factors == sorted(factors, reverse=True)
 
 
 def test_embedding_and_dense_parameters_get_their_own_optimizers():
@@ -81,7 +105,7 @@ def test_checkpoints_of_the_untyped_spec_still_match():
         "train": {
             k: v
             for k, v in dataclasses.asdict(cfg.train).items()
-            if k not in ("time_budget_s", "epochs", "timeout_s")
+            if k not in ("time_budget_s", "epochs", "timeout_s", "patience")  # patience: newer
         },
         "model": {"dim": cfg.model.dim, "hidden": list(cfg.model.hidden)},
         "featurizer": Featurizer.from_config(cfg.featurizer).settings(),

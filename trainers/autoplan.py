@@ -1,0 +1,380 @@
+"""``train.auto`` (``zipfline run --budget``): the training setup chosen from measurements on a
+probe of the training rows, not from a grid; every choice keeps the measurement that made it.
+
+- **Batch size** from Chebyshev's bound: the mini-batch gradient is within ε of the full one
+  with probability at least 1 − δ when n ≥ σ²/(ε²δ), σ² the variance of per-example gradients
+  (measured one example at a time on the probe) and ε = ``auto.grad_rel_error`` × ‖mean
+  gradient‖.
+- **Learning-rate cap** from the largest Hessian eigenvalue λ_max, found by power iteration on
+  Hessian-vector products (finite differences of gradients, checked against double backward):
+  plain gradient descent is stable on a quadratic only while η < 2/λ_max, so η ≤ c·2/λ_max
+  (c = ``auto.lr_safety``) where the optimizer takes plain steps (``sgd``); Adagrad scales its
+  steps by the gradients' history, and the cap is reported, not applied.
+- **Precision** from measured step times: T_sol = N_it × T_step, and lower precision leaves N_it
+  about as it is on this model, so the faster step wins when it is faster by a clear margin.
+
+All three are measured at initialization on the probe, on the compact problem of the rows it
+touches (the embedding rows of its n-grams and the dense layers), in float64.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from core.errors import ConfigError
+from trainers.data import read_split
+from trainers.model import NgramClassifier
+from trainers.spec import TrainSpec
+
+Params = list[torch.Tensor]
+LossFn = Callable[[Params], torch.Tensor]
+MIN_BATCH, MAX_BATCH = 8, 8192
+PRECISION_MARGIN = 0.8  # a lower precision is chosen when its step takes under 80% of fp32's
+
+
+# --- the measurements -----------------------------------------------------------------------
+
+
+ExampleGrads = Callable[[int], list[tuple[torch.Tensor | None, torch.Tensor]]]
+"""Example i's gradient, parameter by parameter: ``(rows, grad)`` where only ``rows`` of that
+parameter have a gradient, ``(None, grad)`` where the whole parameter has one."""
+
+
+def gradient_noise(
+    params: Params, example_grads: ExampleGrads, weights: np.ndarray
+) -> tuple[float, float]:
+    """σ² = E‖g_i − ḡ‖² and ‖ḡ‖² over examples i drawn with probability ∝ ``weights``, g_i
+    from ``example_grads``: one backward pass per example."""
+    p = np.asarray(weights, dtype=np.float64)
+    p = p / p.sum()
+    total = [torch.zeros_like(t) for t in params]
+    square = 0.0
+    for i in np.flatnonzero(p > 0):
+        for acc, (rows, g) in zip(total, example_grads(int(i)), strict=True):
+            square += p[i] * float((g * g).sum())
+            if rows is None:
+                acc.add_(g, alpha=float(p[i]))
+            else:
+                acc.index_add_(0, rows, g, alpha=float(p[i]))
+    mean_sq = sum(float((t * t).sum()) for t in total)
+    return max(square - mean_sq, 0.0), mean_sq
+
+
+def example_grads_of(
+    params: Params, example_loss: Callable[[Params, int], torch.Tensor]
+) -> ExampleGrads:
+    """Whole-parameter per-example gradients of ``example_loss(params, i)`` by autograd."""
+    leaves = [t.detach().requires_grad_(True) for t in params]
+
+    def grads(i: int) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
+        return [(None, g) for g in torch.autograd.grad(example_loss(leaves, i), leaves)]
+
+    return grads
+
+
+def chebyshev_batch(sigma2: float, eps: float, delta: float) -> int:
+    """The smallest n with σ²/(n ε²) ≤ δ: Chebyshev's bound on a mean of n i.i.d. gradients."""
+    if eps <= 0 or not 0 < delta < 1:
+        raise ValueError("eps must be > 0 and delta in (0, 1)")
+    return max(1, math.ceil(sigma2 / (eps * eps * delta)))
+
+
+def hvp_double_backward(loss: LossFn, params: Params, v: Params) -> Params:
+    """H·v by differentiating g·v (exact)."""
+    params = [p.detach().requires_grad_(True) for p in params]
+    grads = torch.autograd.grad(loss(params), params, create_graph=True)
+    dot = sum((g * u).sum() for g, u in zip(grads, v, strict=True))
+    return [h.detach() for h in torch.autograd.grad(dot, params)]
+
+
+def _grad(loss: LossFn, params: Params) -> Params:
+    params = [p.detach().requires_grad_(True) for p in params]
+    return [g.detach() for g in torch.autograd.grad(loss(params), params)]
+
+
+def hvp_finite_difference(loss: LossFn, params: Params, v: Params, h: float = 1e-5) -> Params:
+    """H·v ≈ (∇L(w + h v) − ∇L(w − h v)) / 2h, with h relative to ‖w‖ / ‖v‖."""
+    scale = h * max(_norm(params), 1.0) / max(_norm(v), 1e-30)
+    plus = _grad(loss, [p + scale * u for p, u in zip(params, v, strict=True)])
+    minus = _grad(loss, [p - scale * u for p, u in zip(params, v, strict=True)])
+    return [(a - b) / (2 * scale) for a, b in zip(plus, minus, strict=True)]
+
+
+def _norm(tensors: Params) -> float:
+    return math.sqrt(sum(float((t * t).sum()) for t in tensors))
+
+
+def top_eigenvalue(
+    hvp: Callable[[Params], Params], like: Params, *, iters: int = 100, tol: float = 1e-4,
+    seed: int = 0,
+) -> tuple[float, int]:  # fmt: skip
+    """The Hessian's eigenvalue of largest magnitude by power iteration on ``hvp``; with the
+    iterations it took (at most ``iters``, until λ moves by less than ``tol`` relative)."""
+    gen = torch.Generator().manual_seed(seed)
+    v = [torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in like]
+    norm = _norm(v)
+    v = [u / norm for u in v]
+    lam = 0.0
+    for i in range(1, iters + 1):
+        hv = hvp(v)
+        new = sum(float((a * b).sum()) for a, b in zip(v, hv, strict=True))
+        norm = _norm(hv)
+        if norm == 0:
+            return 0.0, i
+        v = [u / norm for u in hv]
+        if i > 1 and abs(new - lam) <= tol * abs(new):
+            return new, i
+        lam = new
+    return lam, iters
+
+
+# --- the model's compact problem ------------------------------------------------------------
+
+
+@dataclass
+class Probe:
+    """The loss of ``model`` on one batch, as a function of the embedding rows the batch touches
+    and the dense layers (float64 copies): all the curvature and gradient noise of that batch."""
+
+    params: Params
+    loss: LossFn
+    example_grads: ExampleGrads
+    example_loss: Callable[[Params, int], torch.Tensor]
+    weights: np.ndarray
+    names: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, model: NgramClassifier, batch: Sequence[torch.Tensor]) -> Probe:
+        ids, offsets, labels, weights = batch
+        uniq, local = torch.unique(ids, return_inverse=True)
+        dense = {n: p for n, p in model.named_parameters() if not n.startswith("embedding.")}
+        names = list(dense)
+        params = [model.embedding.weight.detach()[uniq].double().clone()]
+        params += [p.detach().double().clone() for p in dense.values()]
+        known = labels >= 0
+        w = weights.double() * known
+        ends = torch.cat([offsets[1:], torch.tensor([len(ids)])])
+        lengths = (ends - offsets).clamp(min=1).double()
+        bag = torch.repeat_interleave(torch.arange(len(offsets)), ends - offsets)
+
+        def logits(ps: Params, rows: torch.Tensor) -> torch.Tensor:
+            # the mean of each bag's rows by index_add, which (unlike embedding_bag) has a
+            # second derivative
+            tokens = torch.isin(bag, rows) if len(rows) < len(offsets) else None
+            which = bag if tokens is None else bag[tokens]
+            gathered = ps[0][local if tokens is None else local[tokens]]
+            pooled = torch.zeros(len(offsets), ps[0].shape[1], dtype=ps[0].dtype)
+            pooled = pooled.index_add(0, which, gathered)[rows] / lengths[rows, None]
+            return head(ps, pooled)
+
+        def head(ps: Params, pooled: torch.Tensor) -> torch.Tensor:
+            state = dict(zip(names, ps[1:], strict=True))
+            hidden = {
+                k.removeprefix("hidden."): v for k, v in state.items() if k.startswith("hidden.")
+            }
+            out = {
+                k.removeprefix("output."): v for k, v in state.items() if k.startswith("output.")
+            }
+            h = functional_call(model.hidden, hidden, (pooled,)) if hidden else pooled
+            return functional_call(model.output, out, (h,))
+
+        every = torch.arange(len(offsets))
+
+        def loss(ps: Params) -> torch.Tensor:
+            per = F.cross_entropy(logits(ps, every), labels.clamp(min=0), reduction="none")
+            return (per * w).sum() / w.sum().clamp(min=1e-12)
+
+        dense_leaves = [t.detach().requires_grad_(True) for t in params[1:]]
+
+        def example_grads(i: int) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
+            # only the example's own rows: a gradient the size of the bag, not of the table
+            rows, inverse = torch.unique(local[int(offsets[i]) : int(ends[i])], return_inverse=True)
+            mine = params[0][rows].detach().requires_grad_(True)
+            pooled = mine[inverse].mean(dim=0, keepdim=True)
+            z = head([mine, *dense_leaves], pooled)
+            loss = F.cross_entropy(z, labels[i : i + 1].clamp(min=0))
+            grads = torch.autograd.grad(loss, [mine, *dense_leaves])
+            return [(rows, grads[0]), *((None, g) for g in grads[1:])]
+
+        def example_loss(ps: Params, i: int) -> torch.Tensor:  # the same, by the whole table
+            z = logits(ps, torch.tensor([i]))
+            return F.cross_entropy(z, labels[i : i + 1].clamp(min=0))
+
+        return cls(params, loss, example_grads, example_loss, w.numpy(), names)
+
+
+def step_seconds(model: NgramClassifier, batch: Sequence[torch.Tensor], precision: str,
+                 repeats: int = 5) -> float:  # fmt: skip
+    """The median wall time of one forward and backward pass on ``batch`` at ``precision``
+    (autocast for bf16/fp16), on the model's device."""
+    ids, offsets, labels, _ = batch
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    device = next(model.parameters()).device
+    times = []
+    for _ in range(repeats + 1):
+        model.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        ctx = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+        with ctx:
+            out = model(ids, offsets)
+        F.cross_entropy(out.float(), labels.clamp(min=0)).backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[1:]))
+
+
+# --- the plan -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One choice of the plan: the setting, its value and what decided it."""
+
+    setting: str
+    value: Any
+    why: str
+    measured: dict[str, float]
+
+
+def plan(
+    model: NgramClassifier,
+    probe_batch: Sequence[torch.Tensor],
+    *,
+    optimizer: str,
+    lr: float,
+    precisions: Sequence[str],
+    train_rows: int,
+    world_size: int,
+    grad_rel_error: float,
+    delta: float,
+    lr_safety: float,
+    seed: int = 0,
+) -> list[Choice]:
+    """Batch size, learning-rate cap and precision for ``model`` from measurements on
+    ``probe_batch`` (see the module docstring)."""
+    probe = Probe.of(model, probe_batch)
+    choices = []
+
+    t0 = time.perf_counter()
+    sigma2, mean_sq = gradient_noise(probe.params, probe.example_grads, probe.weights)
+    eps = grad_rel_error * math.sqrt(mean_sq)
+    n = chebyshev_batch(sigma2, eps, delta) if eps > 0 else MAX_BATCH
+    ceiling = max(MIN_BATCH, train_rows // max(4 * world_size, 1))  # at least 4 steps an epoch
+    batch = int(min(max(n, MIN_BATCH), MAX_BATCH, ceiling))
+    choices.append(Choice(
+        "train.batch_size", batch,
+        f"Chebyshev: n >= sigma^2/(eps^2 delta) = {n} (eps = {grad_rel_error} x |mean gradient|, "
+        f"delta = {delta}), within [{MIN_BATCH}, {min(MAX_BATCH, ceiling)}]",
+        {"sigma2": sigma2, "mean_grad_norm2": mean_sq, "eps": eps, "delta": delta, "n_bound": n,
+         "probe_rows": len(probe.weights), "seconds": time.perf_counter() - t0},
+    ))  # fmt: skip
+
+    t0 = time.perf_counter()
+    lam, iters = top_eigenvalue(
+        lambda v: hvp_finite_difference(probe.loss, probe.params, v), probe.params, seed=seed
+    )
+    v = [torch.randn(t.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=t.dtype)
+         for t in probe.params]  # fmt: skip
+    fd = hvp_finite_difference(probe.loss, probe.params, v)
+    exact = hvp_double_backward(probe.loss, probe.params, v)
+    diff = _norm([a - b for a, b in zip(fd, exact, strict=True)]) / max(_norm(exact), 1e-30)
+    cap = lr_safety * 2.0 / lam if lam > 0 else math.inf
+    applied = optimizer == "sgd"
+    value = min(lr, cap) if applied else lr
+    choices.append(Choice(
+        "train.lr", value,
+        (f"cap c x 2/lambda_max = {cap:.4g} (lambda_max {lam:.4g}, {iters} power iterations); "
+         + ("applied: plain SGD steps" if applied else
+            f"not applied: {optimizer} scales its own steps")),
+        {"lambda_max": lam, "power_iterations": iters, "lr_cap": cap, "hvp_fd_vs_exact": diff,
+         "seconds": time.perf_counter() - t0},
+    ))  # fmt: skip
+
+    t0 = time.perf_counter()
+    rows = min(batch, len(probe.weights))
+    sub = _head(probe_batch, rows)
+    times = {p: step_seconds(model, sub, p) for p in precisions}
+    fastest = min(times, key=times.get)
+    base = "fp32" if "fp32" in times else precisions[0]
+    chosen = fastest if times[fastest] < PRECISION_MARGIN * times[base] else base
+    choices.append(Choice(
+        "train.precision", chosen,
+        "step time " + ", ".join(f"{p} {t * 1e3:.2f} ms" for p, t in times.items())
+        + f" at batch {rows}: T_sol = N_it x T_step, lower precision only when its step is under "
+        f"{PRECISION_MARGIN:.0%} of {base}'s",
+        {**{f"step_ms_{p}": t * 1e3 for p, t in times.items()}, "seconds": time.perf_counter() - t0},
+    ))  # fmt: skip
+    return choices
+
+
+def _head(batch: Sequence[torch.Tensor], rows: int) -> tuple[torch.Tensor, ...]:
+    ids, offsets, labels, weights = batch
+    end = int(offsets[rows]) if rows < len(offsets) else len(ids)
+    return ids[:end], offsets[:rows], labels[:rows], weights[:rows]
+
+
+def configure(spec: TrainSpec, manifest: dict[str, Any]) -> tuple[TrainSpec, dict[str, Any]]:
+    """``train.auto``: measure on a seeded probe of the training shards, choose, and return the
+    spec to train with (its budget less the time the measuring took) and the plan as JSON data
+    (``auto_plan.json``)."""
+    t0 = time.perf_counter()
+    t = spec.train
+    data = read_split(Path(spec.shard_dir), "train", 0, 1)
+    rng = np.random.default_rng(t.seed)
+    labeled = np.flatnonzero(data.labels >= 0)
+    if len(labeled) == 0:
+        raise ConfigError("train.auto: no labeled training rows to measure on")
+    rows = np.sort(rng.choice(labeled, size=min(t.auto_probe_rows, len(labeled)), replace=False))
+    batch = data.batch(rows)
+    torch.manual_seed(t.seed)
+    model = NgramClassifier(spec.model_spec(max(len(manifest["labels"]), 1)))
+    precisions = (
+        ["fp32", "bf16", "fp16"] if t.use_gpu and torch.cuda.is_available() else ["fp32", "bf16"]
+    )
+    if t.use_gpu and torch.cuda.is_available():
+        model = model.cuda()
+        batch = tuple(x.cuda() for x in batch)
+    choices = plan(
+        model, batch, optimizer=t.optimizer, lr=t.lr, precisions=precisions,
+        train_rows=int(manifest["splits"]["train"]["rows"]), world_size=t.world_size,
+        grad_rel_error=t.auto_grad_rel_error, delta=t.auto_delta, lr_safety=t.auto_lr_safety,
+        seed=t.seed,
+    )  # fmt: skip
+    seconds = time.perf_counter() - t0
+    budget = max(t.time_budget_s - seconds, 1.0)
+    changes = {c.setting.removeprefix("train."): c.value for c in choices}
+    tuned = spec.with_train(**changes, time_budget_s=budget)
+    report = {
+        "budget_s": t.time_budget_s, "measuring_s": seconds, "training_budget_s": budget,
+        "probe_rows": len(rows),
+        "choices": [dataclasses.asdict(c) for c in choices],
+        "left_alone": {
+            "capacity and data fraction": "not measured yet: model.*, featurizer.* as configured",
+            "workers and mode": "not measured yet: train.world_size, train.mode as configured",
+        },
+    }  # fmt: skip
+    return tuned, report
+
+
+def auto_params(report: dict[str, Any]) -> dict[str, Any]:
+    """The plan as MLflow params: ``auto.<setting>`` and ``auto.<setting>.<measurement>``."""
+    params: dict[str, Any] = {"auto.measuring_s": round(report["measuring_s"], 3)}
+    for choice in report["choices"]:
+        name = choice["setting"].removeprefix("train.")
+        params[f"auto.{name}"] = choice["value"]
+        for key, value in choice["measured"].items():
+            params[f"auto.{name}.{key}"] = f"{value:.6g}" if isinstance(value, float) else value
+    return params
