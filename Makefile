@@ -25,13 +25,14 @@ java:
 	if [ "$$major" -lt 17 ] 2>/dev/null || [ -z "$$v" ]; then \
 	  echo "zipfline: Java 17+ is required for Spark (found: $${v:-none}); install it, e.g. apt-get install openjdk-17-jre-headless, or set JAVA_HOME" >&2; exit 2; fi
 
-# `make wordnet`: the synonyms the augment stage reads (Debian's wordnet-base), installed when root.
+# `make wordnet`: WordNet (Debian's wordnet-base), installed when root: the augment stage's
+# synonyms and the real-text case (generate.source=wordnet).
 wordnet:
 	@test -f $(WORDNET)/data.noun || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "zipfline: installing WordNet (apt-get install wordnet-base)"; \
 	    { apt-get install -y -qq wordnet-base || { apt-get update -qq && apt-get install -y -qq wordnet-base; }; } >/dev/null 2>&1; fi; \
-	  test -f $(WORDNET)/data.noun || { echo "zipfline: WordNet is missing from $(WORDNET): install Debian's wordnet-base (apt-get install wordnet-base), or leave augment.enabled=false" >&2; exit 2; }; }
+	  test -f $(WORDNET)/data.noun || { echo "zipfline: WordNet is missing from $(WORDNET): install Debian's wordnet-base (apt-get install wordnet-base), or leave augment.enabled=false and generate.source=synthetic" >&2; exit 2; }; }
 
 demo: $(STAMP) java
 	$(BIN)/zipfline run $(ARGS)

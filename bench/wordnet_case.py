@@ -45,17 +45,16 @@ def accuracy(test_df: pd.DataFrame, labels: list[str], probs: np.ndarray) -> flo
     )
 
 
-def fasttext_default(train_df: pd.DataFrame, test_df: pd.DataFrame, work: Path) -> dict:
-    """fastText's supervised defaults on the distinct training texts; accuracy and seconds."""
-    import fasttext
-
-    path = work / "fasttext_train.txt"
+def write_fasttext_file(frame: pd.DataFrame, path: Path) -> Path:
+    """``__label__<majority label> <query>`` lines of a split's distinct queries."""
     with path.open("w") as fh:
-        for query, label in zip(train_df["query"], train_df["majority_label"], strict=True):
+        for query, label in zip(frame["query"], frame["majority_label"], strict=True):
             fh.write(f"__label__{label} {query}\n")
-    t0 = time.perf_counter()
-    model = fasttext.train_supervised(str(path), thread=os.cpu_count() or 1, verbose=0)
-    seconds = time.perf_counter() - t0
+    return path
+
+
+def fasttext_predict(model, test_df: pd.DataFrame) -> tuple[list[str], np.ndarray]:  # noqa: ANN001
+    """A fastText model's labels and probabilities over them for the test queries."""
     labels = [lab.removeprefix("__label__") for lab in model.get_labels()]
     index = {lab: i for i, lab in enumerate(labels)}
     queries = [normalize_query(q) for q in test_df["query"]]
@@ -64,6 +63,18 @@ def fasttext_default(train_df: pd.DataFrame, test_df: pd.DataFrame, work: Path) 
     for row, (ls, ps) in enumerate(zip(got_labels, got_probs, strict=True)):
         for lab, p in zip(ls, ps, strict=True):
             probs[row, index[lab.removeprefix("__label__")]] = p
+    return labels, probs
+
+
+def fasttext_default(train_df: pd.DataFrame, test_df: pd.DataFrame, work: Path) -> dict:
+    """fastText's supervised defaults on the distinct training texts; accuracy and seconds."""
+    import fasttext
+
+    path = write_fasttext_file(train_df, work / "fasttext_train.txt")
+    t0 = time.perf_counter()
+    model = fasttext.train_supervised(str(path), thread=os.cpu_count() or 1, verbose=0)
+    seconds = time.perf_counter() - t0
+    labels, probs = fasttext_predict(model, test_df)
     return {"accuracy": accuracy(test_df, labels, probs), "seconds": seconds}
 
 

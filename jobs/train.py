@@ -20,7 +20,7 @@ from trainers.data import load_manifest
 from trainers.launch import launch_distributor
 from trainers.serving import save_pyfunc
 from trainers.spec import TrainSpec
-from trainers.trainer import MODEL_FILE, RESULT_FILE
+from trainers.trainer import MODEL_FILE, RESULT_FILE, spec_fingerprint
 
 STAGE = "train"
 AUTO_PLAN_FILE = "auto_plan.json"
@@ -40,7 +40,7 @@ def run(ctx: RunContext, out: Path) -> StageResult:
     spec = TrainSpec.from_config(ctx.cfg, shard_dir, out, checkpoint_dir=checkpoints)
     plan_params: dict[str, object] = {}
     if spec.train.auto:
-        spec, plan_params = _auto(spec, manifest, out)
+        spec, plan_params = plan_training(spec, manifest, out)
     spec.write(out / TRAIN_SPEC_FILE)
     _ = ctx.spark  # TorchDistributor runs inside the active Spark session
     result = launch_distributor(spec)
@@ -72,14 +72,29 @@ def run(ctx: RunContext, out: Path) -> StageResult:
     )
 
 
-def _auto(spec: TrainSpec, manifest: dict, out: Path) -> tuple[TrainSpec, dict[str, object]]:
-    """``train.auto``: measure, print and keep the plan; the spec to train with."""
+def plan_training(
+    spec: TrainSpec, manifest: dict, out: Path
+) -> tuple[TrainSpec, dict[str, object]]:
+    """``train.auto``: measure (or, after an interrupted run, reuse that run's plan, so that its
+    checkpoints still match), print, keep the plan in ``out``; the spec to train with and the
+    plan as params."""
     # the probes (torch.func, Hessian-vector products): only for a run that asks for them
-    from trainers.autoplan import auto_params, configure
+    from trainers.autoplan import apply_plan, auto_params, configure
 
-    print(f"[train] auto: measuring on {spec.train.auto_probe_rows} training rows within the "
-          f"{spec.train.time_budget_s:.0f}s budget …", file=sys.stderr, flush=True)  # fmt: skip
-    tuned, report = configure(spec, manifest)
+    kept = Path(spec.checkpoint_dir) / AUTO_PLAN_FILE if spec.checkpoint_dir else None
+    asked = spec_fingerprint(spec, manifest)  # data and settings, not the budget
+    report = json.loads(kept.read_text()) if kept is not None and kept.exists() else {}
+    if report.get("for") == asked:
+        tuned = apply_plan(spec, report)
+        print(f"[train] auto: the interrupted run's plan ({kept})", file=sys.stderr, flush=True)
+    else:
+        print(f"[train] auto: measuring on {spec.train.auto_probe_rows} training rows within the "
+              f"{spec.train.time_budget_s:.0f}s budget …", file=sys.stderr, flush=True)  # fmt: skip
+        tuned, report = configure(spec, manifest)
+        report["for"] = asked
+        if kept is not None:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            kept.write_text(json.dumps(report, indent=2))
     for choice in report["choices"]:
         print(f"[train] auto: {choice['setting']} = {choice['value']}  ({choice['why']})",
               file=sys.stderr, flush=True)  # fmt: skip

@@ -13,8 +13,12 @@ probe of the training rows, not from a grid; every choice keeps the measurement 
 - **Precision** from measured step times: T_sol = N_it × T_step, and lower precision leaves N_it
   about as it is on this model, so the faster step wins when it is faster by a clear margin.
 
-All three are measured at initialization on the probe, on the compact problem of the rows it
-touches (the embedding rows of its n-grams and the dense layers), in float64.
+All three are measured on the compact problem of the probe (the embedding rows its n-grams
+touch and the dense layers, in float64), after a few steps of gradient descent on it
+(:func:`warm_up`): at fastText's initialization the output layer is zero, and so is every
+embedding row's gradient. λ_max is the embedding block's, since ``train.lr`` is the embedding
+table's rate; σ² is the variance of the trainer's own estimator (rows drawn uniformly, losses
+weighted), and n bounds a step's whole batch (split among the workers in sync mode).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from trainers.spec import TrainSpec
 Params = list[torch.Tensor]
 LossFn = Callable[[Params], torch.Tensor]
 MIN_BATCH, MAX_BATCH = 8, 8192
+WARM_UP_STEPS = 10  # gradient steps on the probe before it is measured
 PRECISION_MARGIN = 0.8  # a lower precision is chosen when its step takes under 80% of fp32's
 
 
@@ -55,21 +60,29 @@ parameter have a gradient, ``(None, grad)`` where the whole parameter has one.""
 def gradient_noise(
     params: Params, example_grads: ExampleGrads, weights: np.ndarray
 ) -> tuple[float, float]:
-    """σ² = E‖g_i − ḡ‖² and ‖ḡ‖² over examples i drawn with probability ∝ ``weights``, g_i
-    from ``example_grads``: one backward pass per example."""
-    p = np.asarray(weights, dtype=np.float64)
-    p = p / p.sum()
-    total = [torch.zeros_like(t) for t in params]
-    square = 0.0
-    for i in np.flatnonzero(p > 0):
-        for acc, (rows, g) in zip(total, example_grads(int(i)), strict=True):
-            square += p[i] * float((g * g).sum())
-            if rows is None:
-                acc.add_(g, alpha=float(p[i]))
-            else:
-                acc.index_add_(0, rows, g, alpha=float(p[i]))
-    mean_sq = sum(float((t * t).sum()) for t in total)
-    return max(square - mean_sq, 0.0), mean_sq
+    """The noise of the trainer's mini-batch gradient, one backward pass per example: rows are
+    drawn uniformly and weighted, so the mean of n of them, Σ w_i g_i / Σ w_i, has variance about
+    σ²/n with σ² = E_i[(w_i/w̄)² ‖g_i − ḡ‖²], ḡ = Σ w_i g_i / Σ w_i. Returns (σ², ‖ḡ‖²); with
+    equal weights σ² is the plain variance E‖g_i − ḡ‖²."""
+    w = np.asarray(weights, dtype=np.float64)
+    count = len(w)
+    p = w / w.sum()  # the weights of the mean gradient
+    a = (w / w.mean()) ** 2 / count  # the uniform draw's weights of the squared deviations
+    mean = [torch.zeros_like(t) for t in params]
+    spread = [torch.zeros_like(t) for t in params]  # Σ a_i g_i
+    square = 0.0  # Σ a_i ‖g_i‖²
+    for i in np.flatnonzero(w > 0):
+        for m, s_, (rows, g) in zip(mean, spread, example_grads(int(i)), strict=True):
+            square += a[i] * float((g * g).sum())
+            for acc, alpha in ((m, float(p[i])), (s_, float(a[i]))):
+                if rows is None:
+                    acc.add_(g, alpha=alpha)
+                else:
+                    acc.index_add_(0, rows, g, alpha=alpha)
+    mean_sq = sum(float((t * t).sum()) for t in mean)
+    cross = sum(float((m * s_).sum()) for m, s_ in zip(mean, spread, strict=True))
+    sigma2 = square - 2.0 * cross + float(a[w > 0].sum()) * mean_sq
+    return max(sigma2, 0.0), mean_sq
 
 
 def example_grads_of(
@@ -116,19 +129,34 @@ def _norm(tensors: Params) -> float:
     return math.sqrt(sum(float((t * t).sum()) for t in tensors))
 
 
+def _random_like(like: Params, seed: int, block: Sequence[bool] | None = None) -> Params:
+    gen = torch.Generator().manual_seed(seed)
+    v = [torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device) for t in like]
+    return _only(v, block)
+
+
+def _only(v: Params, block: Sequence[bool] | None) -> Params:
+    """``v`` with the parameters outside ``block`` set to zero."""
+    return (
+        v
+        if block is None
+        else [u if keep else torch.zeros_like(u) for u, keep in zip(v, block, strict=True)]
+    )
+
+
 def top_eigenvalue(
     hvp: Callable[[Params], Params], like: Params, *, iters: int = 100, tol: float = 1e-4,
-    seed: int = 0,
+    seed: int = 0, block: Sequence[bool] | None = None,
 ) -> tuple[float, int]:  # fmt: skip
     """The Hessian's eigenvalue of largest magnitude by power iteration on ``hvp``; with the
-    iterations it took (at most ``iters``, until λ moves by less than ``tol`` relative)."""
-    gen = torch.Generator().manual_seed(seed)
-    v = [torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in like]
+    iterations it took (at most ``iters``, until λ moves by less than ``tol`` relative). With
+    ``block``, of the Hessian's block of the parameters marked True."""
+    v = _random_like(like, seed, block)
     norm = _norm(v)
     v = [u / norm for u in v]
     lam = 0.0
     for i in range(1, iters + 1):
-        hv = hvp(v)
+        hv = _only(hvp(v), block)
         new = sum(float((a * b).sum()) for a, b in zip(v, hv, strict=True))
         norm = _norm(hv)
         if norm == 0:
@@ -165,9 +193,10 @@ class Probe:
         params += [p.detach().double().clone() for p in dense.values()]
         known = labels >= 0
         w = weights.double() * known
-        ends = torch.cat([offsets[1:], torch.tensor([len(ids)])])
+        device = ids.device
+        ends = torch.cat([offsets[1:], torch.tensor([len(ids)], device=device)])
         lengths = (ends - offsets).clamp(min=1).double()
-        bag = torch.repeat_interleave(torch.arange(len(offsets)), ends - offsets)
+        bag = torch.repeat_interleave(torch.arange(len(offsets), device=device), ends - offsets)
 
         def logits(ps: Params, rows: torch.Tensor) -> torch.Tensor:
             # the mean of each bag's rows by index_add, which (unlike embedding_bag) has a
@@ -175,7 +204,7 @@ class Probe:
             tokens = torch.isin(bag, rows) if len(rows) < len(offsets) else None
             which = bag if tokens is None else bag[tokens]
             gathered = ps[0][local if tokens is None else local[tokens]]
-            pooled = torch.zeros(len(offsets), ps[0].shape[1], dtype=ps[0].dtype)
+            pooled = torch.zeros(len(offsets), ps[0].shape[1], dtype=ps[0].dtype, device=device)
             pooled = pooled.index_add(0, which, gathered)[rows] / lengths[rows, None]
             return head(ps, pooled)
 
@@ -190,7 +219,7 @@ class Probe:
             h = functional_call(model.hidden, hidden, (pooled,)) if hidden else pooled
             return functional_call(model.output, out, (h,))
 
-        every = torch.arange(len(offsets))
+        every = torch.arange(len(offsets), device=device)
 
         def loss(ps: Params) -> torch.Tensor:
             per = F.cross_entropy(logits(ps, every), labels.clamp(min=0), reduction="none")
@@ -209,10 +238,10 @@ class Probe:
             return [(rows, grads[0]), *((None, g) for g in grads[1:])]
 
         def example_loss(ps: Params, i: int) -> torch.Tensor:  # the same, by the whole table
-            z = logits(ps, torch.tensor([i]))
+            z = logits(ps, torch.tensor([i], device=device))
             return F.cross_entropy(z, labels[i : i + 1].clamp(min=0))
 
-        return cls(params, loss, example_grads, example_loss, w.numpy(), names)
+        return cls(params, loss, example_grads, example_loss, w.cpu().numpy(), names)
 
 
 def step_seconds(model: NgramClassifier, batch: Sequence[torch.Tensor], precision: str,
@@ -258,47 +287,56 @@ def plan(
     precisions: Sequence[str],
     train_rows: int,
     world_size: int,
+    mode: str,
     grad_rel_error: float,
     delta: float,
     lr_safety: float,
     seed: int = 0,
 ) -> list[Choice]:
     """Batch size, learning-rate cap and precision for ``model`` from measurements on
-    ``probe_batch`` (see the module docstring)."""
+    ``probe_batch`` (see the module docstring), taken after :func:`warm_up`."""
     probe = Probe.of(model, probe_batch)
+    warm_loss = warm_up(probe)
     choices = []
 
     t0 = time.perf_counter()
     sigma2, mean_sq = gradient_noise(probe.params, probe.example_grads, probe.weights)
     eps = grad_rel_error * math.sqrt(mean_sq)
     n = chebyshev_batch(sigma2, eps, delta) if eps > 0 else MAX_BATCH
+    # n bounds the batch one gradient step averages: in sync mode the workers' batches together
+    per_worker = math.ceil(n / world_size) if mode == "sync" else n
     ceiling = max(MIN_BATCH, train_rows // max(4 * world_size, 1))  # at least 4 steps an epoch
-    batch = int(min(max(n, MIN_BATCH), MAX_BATCH, ceiling))
+    batch = int(min(max(per_worker, MIN_BATCH), MAX_BATCH, ceiling))
     choices.append(Choice(
         "train.batch_size", batch,
         f"Chebyshev: n >= sigma^2/(eps^2 delta) = {n} (eps = {grad_rel_error} x |mean gradient|, "
-        f"delta = {delta}), within [{MIN_BATCH}, {min(MAX_BATCH, ceiling)}]",
+        f"delta = {delta}); {per_worker} per worker ({mode}, {world_size} workers), within "
+        f"[{MIN_BATCH}, {min(MAX_BATCH, ceiling)}]",
         {"sigma2": sigma2, "mean_grad_norm2": mean_sq, "eps": eps, "delta": delta, "n_bound": n,
-         "probe_rows": len(probe.weights), "seconds": time.perf_counter() - t0},
+         "probe_rows": len(probe.weights), "probe_loss": warm_loss,
+         "seconds": time.perf_counter() - t0},
     ))  # fmt: skip
 
     t0 = time.perf_counter()
+    # the embedding's block: train.lr is the embedding table's rate
+    block = [True] + [False] * (len(probe.params) - 1)
     lam, iters = top_eigenvalue(
-        lambda v: hvp_finite_difference(probe.loss, probe.params, v), probe.params, seed=seed
-    )
-    v = [torch.randn(t.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=t.dtype)
-         for t in probe.params]  # fmt: skip
+        lambda v: hvp_finite_difference(probe.loss, probe.params, v), probe.params, seed=seed,
+        block=block,
+    )  # fmt: skip
+    v = _random_like(probe.params, seed + 1)
     fd = hvp_finite_difference(probe.loss, probe.params, v)
     exact = hvp_double_backward(probe.loss, probe.params, v)
     diff = _norm([a - b for a, b in zip(fd, exact, strict=True)]) / max(_norm(exact), 1e-30)
-    cap = lr_safety * 2.0 / lam if lam > 0 else math.inf
-    applied = optimizer == "sgd"
+    cap = lr_safety * 2.0 / lam if lam > 0 else None
+    applied = optimizer == "sgd" and cap is not None
     value = min(lr, cap) if applied else lr
     choices.append(Choice(
         "train.lr", value,
-        (f"cap c x 2/lambda_max = {cap:.4g} (lambda_max {lam:.4g}, {iters} power iterations); "
-         + ("applied: plain SGD steps" if applied else
-            f"not applied: {optimizer} scales its own steps")),
+        (f"cap c x 2/lambda_max = {cap or math.inf:.4g} (lambda_max {lam:.4g} of the embedding "
+         f"block, {iters} power iterations); "
+         + ("applied, as plain SGD steps" if applied else
+            f"reported only: {optimizer} scales its own steps")),
         {"lambda_max": lam, "power_iterations": iters, "lr_cap": cap, "hvp_fd_vs_exact": diff,
          "seconds": time.perf_counter() - t0},
     ))  # fmt: skip
@@ -318,6 +356,29 @@ def plan(
         {**{f"step_ms_{p}": t * 1e3 for p, t in times.items()}, "seconds": time.perf_counter() - t0},
     ))  # fmt: skip
     return choices
+
+
+def warm_up(probe: Probe, steps: int = WARM_UP_STEPS) -> float:
+    """A few steps of gradient descent with backtracking on the probe's loss, in place, so that
+    the measurements are taken away from the initialization (whose zero output layer gives every
+    embedding row a zero gradient); returns the loss reached."""
+    params = probe.params
+    loss = float(probe.loss(params))
+    for _ in range(steps):
+        grads = _grad(probe.loss, params)
+        size = 1.0
+        for _ in range(30):  # halve until the loss goes down
+            trial = [p - size * g for p, g in zip(params, grads, strict=True)]
+            trial_loss = float(probe.loss(trial))
+            if trial_loss < loss:
+                break
+            size /= 2
+        else:
+            break
+        for p, t in zip(params, trial, strict=True):
+            p.copy_(t)
+        loss = trial_loss
+    return loss
 
 
 def _head(batch: Sequence[torch.Tensor], rows: int) -> tuple[torch.Tensor, ...]:
@@ -349,14 +410,12 @@ def configure(spec: TrainSpec, manifest: dict[str, Any]) -> tuple[TrainSpec, dic
         batch = tuple(x.cuda() for x in batch)
     choices = plan(
         model, batch, optimizer=t.optimizer, lr=t.lr, precisions=precisions,
-        train_rows=int(manifest["splits"]["train"]["rows"]), world_size=t.world_size,
+        train_rows=int(manifest["splits"]["train"]["rows"]), world_size=t.world_size, mode=t.mode,
         grad_rel_error=t.auto_grad_rel_error, delta=t.auto_delta, lr_safety=t.auto_lr_safety,
         seed=t.seed,
     )  # fmt: skip
     seconds = time.perf_counter() - t0
     budget = max(t.time_budget_s - seconds, 1.0)
-    changes = {c.setting.removeprefix("train."): c.value for c in choices}
-    tuned = spec.with_train(**changes, time_budget_s=budget)
     report = {
         "budget_s": t.time_budget_s, "measuring_s": seconds, "training_budget_s": budget,
         "probe_rows": len(rows),
@@ -366,7 +425,13 @@ def configure(spec: TrainSpec, manifest: dict[str, Any]) -> tuple[TrainSpec, dic
             "workers and mode": "not measured yet: train.world_size, train.mode as configured",
         },
     }  # fmt: skip
-    return tuned, report
+    return apply_plan(spec, report), report
+
+
+def apply_plan(spec: TrainSpec, report: dict[str, Any]) -> TrainSpec:
+    """``spec`` with the plan's choices and the training budget it left."""
+    changes = {c["setting"].removeprefix("train."): c["value"] for c in report["choices"]}
+    return spec.with_train(**changes, time_budget_s=report["training_budget_s"])
 
 
 def auto_params(report: dict[str, Any]) -> dict[str, Any]:

@@ -171,7 +171,8 @@ def advance(progress: float, step: int, total: int, warmup: int) -> float:
 
 
 # How long and how far a run goes does not change what a checkpoint holds.
-NOT_IN_FINGERPRINT = ("time_budget_s", "epochs", "timeout_s", "patience")
+NOT_IN_FINGERPRINT = ("time_budget_s", "epochs", "timeout_s", "patience", "auto", "auto_probe_rows",
+                      "auto_grad_rel_error", "auto_delta", "auto_lr_safety")  # fmt: skip
 
 
 def spec_fingerprint(spec: TrainSpec, manifest: dict[str, Any]) -> str:
@@ -466,6 +467,7 @@ class Trainer:
             "best_val": self.best_val,
             "evals_without_gain": self.evals_without_gain,
             "progress": self.progress,
+            "total_steps": self.total_steps,
             "stopped_by": self.stopped_by,
             "fingerprint": self.fingerprint,
             "kernel_state": self.kernel_state,
@@ -486,6 +488,7 @@ class Trainer:
         self.best_val = float(state["best_val"])
         self.evals_without_gain = int(state.get("evals_without_gain", 0))
         self.progress = float(state.get("progress", 0.0))
+        self.total_steps = int(state.get("total_steps", 1))
         self.stopped_by = state.get("stopped_by")
         for name, value in (state.get("kernel_state") or {}).items():
             self.kernel_state[name].copy_(value)
@@ -558,7 +561,10 @@ class Trainer:
             raise ConfigError("no training rows on some rank: more data or fewer train.world_size")
         max_epochs = self.cfg.epochs or math.inf
         cap = steps_per_epoch * self.cfg.epochs if self.cfg.epochs else None
-        self.total_steps = cap or UNPLANNED_STEPS
+        if self.resumed_from_step is None or self.total_steps <= 1:
+            self.total_steps = cap or UNPLANNED_STEPS
+        elif cap is not None:  # a resumed run keeps its plan until it has timed steps of its own
+            self.total_steps = min(self.total_steps, cap)
         launch = (time.monotonic(), self.step)
         every = self.cfg.checkpoint_every
         stopped_by = self.stopped_by or "epochs"
@@ -633,7 +639,7 @@ class Trainer:
             if self._agree(time.monotonic() - start >= budget):
                 stopped_by = "budget"
                 break
-            if self.epoch < max_epochs:
+            if self.epoch < max_epochs and self.step - launch[1] >= PLAN_AFTER_STEPS:
                 self._plan(start, launch, cap)
         time_used = time.monotonic() - start
         self.stopped_by = stopped_by
@@ -653,7 +659,7 @@ class Trainer:
             "train_rows": self.train_data.num_rows,
             "time_used_s": time_used,
             "steps": self.step,
-            "planned_steps": min(self.total_steps, UNPLANNED_STEPS - 1),
+            "planned_steps": None if self.total_steps >= UNPLANNED_STEPS else self.total_steps,
             "resumed_from_step": self.resumed_from_step,
             "epochs_run": len(self.history),
             "step_time_s": step_time,

@@ -14,6 +14,7 @@ from core.config import TrackingConfig
 from pipelines.cli import main
 from pipelines.report import report_data
 from pipelines.retrain import retrain_lock
+from tests.conftest import sets
 
 pytestmark = pytest.mark.integration
 
@@ -27,18 +28,14 @@ GENERATE = ["generate.num_events=20000", "generate.num_queries=3000",
             "generate.unlabeled_fraction=0.6", "generate.format=csv"]  # fmt: skip
 
 
-def _sets(items):
-    return [arg for item in items for arg in ("--set", item)]
-
-
 def test_retrain_and_the_generator_oracle_close_the_loop_one_run_at_a_time(spark, in_tmp, capsys):
     """Round 1 under `env -i` (cron), then nothing new, then a held lock; the generator oracle
     answers round 1's selection, and round 2 trains on those labels and does better."""
     raw = in_tmp / "logs"
-    assert main(["generate", "--out", str(raw), *_sets(GENERATE)]) == 0
-    sets = _sets([*SMALL, f"data.raw_path={raw}", f"data.root={in_tmp / 'data'}",
-                  f"tracking.uri=sqlite:///{in_tmp / 'mlflow.db'}"])  # fmt: skip
-    args = ["retrain", *sets]
+    assert main(["generate", "--out", str(raw), *sets(*GENERATE)]) == 0
+    settings = sets(*SMALL, f"data.raw_path={raw}", f"data.root={in_tmp / 'data'}",
+                    f"tracking.uri=sqlite:///{in_tmp / 'mlflow.db'}")  # fmt: skip
+    args = ["retrain", *settings]
     env = {"PYTHONDONTWRITEBYTECODE": "1"}  # cron: no PATH, no HOME
     zipfline = str(Path(sys.executable).parent / "zipfline")
     cron = ["env", "-i", *[f"{k}={v}" for k, v in env.items()], zipfline, *args]
@@ -65,7 +62,7 @@ def test_retrain_and_the_generator_oracle_close_the_loop_one_run_at_a_time(spark
     assert report_data(tracking)["run_id"] == data["run_id"]
 
     # The oracle answers the champion's selection; the labels are new, so retrain runs again.
-    oracle = ["run", "--from", "select", "--force", *sets, "--set", "label.oracle=generator"]
+    oracle = ["run", "--from", "select", "--force", *settings, "--set", "label.oracle=generator"]
     assert main(oracle) == 0
     assert "oracle (generator, sample): imported 300 of 300 label rows" in capsys.readouterr().err
     assert main(args) == 0

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch.distributed as dist
 
@@ -104,8 +105,14 @@ def test_resume_after_a_crash(shards, tmp_path, monkeypatch):
     saved = sorted(p.name for p in (tmp_path / "checkpoints").glob("ckpt-*.pt"))
     assert saved == ["ckpt-10.pt", "ckpt-20.pt"]
     assert not (tmp_path / "model.pt").exists()
-    result, _ = _train_here(spec, tmp_path)  # the same run again
+    result, resumed = _train_here(spec, tmp_path, _RecordingTrainer)  # the same run again
     assert result["resumed_from_step"] == 20
+    # the schedule goes on where the checkpoint left it: the rates of an uninterrupted run
+    monkeypatch.delenv(FAULT_RANK_ENV)
+    (tmp_path / "whole").mkdir()
+    whole_spec = dataclasses.replace(spec, out_dir=str(tmp_path / "whole"), checkpoint_dir=None)
+    _, whole = _train_here(whole_spec, tmp_path / "whole", _RecordingTrainer)
+    assert np.allclose(resumed.lrs, whole.lrs[20:], rtol=1e-9)
     assert result["stopped_by"] == "epochs" and result["epochs_run"] == 3
     assert result["world_size"] == 1 and result["steps"] > 25
     assert [r["steps"] for r in _ranks(tmp_path)] == [result["steps"]]
@@ -169,7 +176,7 @@ def test_a_budget_run_decays_its_learning_rate_over_the_budget(shards, tmp_path)
     assert emb[-1] < 0.4 * 0.25  # spent: most of the decay happened within the budget
     assert emb == sorted(emb, reverse=True)  # re-planning bends the schedule, never turns it back
     # the plan foresaw the run's length
-    assert result["planned_steps"] == pytest.approx(result["steps"], rel=0.3)
+    assert result["planned_steps"] == pytest.approx(result["steps"], rel=0.5)
 
 
 class _RecordingTrainer(Trainer):
