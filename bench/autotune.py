@@ -39,7 +39,7 @@ from trainers.predictor import Predictor
 from trainers.spec import TrainSpec
 
 
-def _case(name: str, work: Path, events: int, queries: int) -> RunContext:
+def _case(name: str, work: Path, events: int, queries: int, extra: list[str]) -> RunContext:
     """The case's data stages (cached in ``work``), through shard."""
     base = [f"data.root={work / name / 'data'}", f"tracking.uri=sqlite:///{work / 'mlflow.db'}",
             "spark.master=local[2]", "registry.enabled=false", "eval.decompose=false"]  # fmt: skip
@@ -52,7 +52,7 @@ def _case(name: str, work: Path, events: int, queries: int) -> RunContext:
             generate_log(get_spark(gen.spark), gen.generate, tmp)
             tmp.rename(log)
         sets += [f"data.raw_path={log}", f"data.test_path={log / HELD_OUT_DIR}"]
-    ctx = RunContext(load_config("local", sets), "2026-01-01")
+    ctx = RunContext(load_config("local", [*sets, *extra]), "2026-01-01")
     run_pipeline(ctx, stop="shard", trigger="bench")
     _ = ctx.spark  # TorchDistributor needs an active session, even when the stages were cached
     return ctx
@@ -106,16 +106,21 @@ def main() -> None:
     parser.add_argument(
         "--work", type=Path, default=Path(tempfile.gettempdir()) / "zipfline-autotune"
     )
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config setting of zipfline's side (repeatable)")  # fmt: skip
+    parser.add_argument("--no-fasttext", action="store_true", help="zipfline's side only")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.cases.split(","):
-        ctx = _case(name, work, args.events, args.queries)
+        ctx = _case(name, work, args.events, args.queries, args.sets)
         for budget in (float(b) for b in args.budgets.split(",")):
             ours = zipfline_budget(ctx, budget, work / name / f"zipfline-{budget:.0f}")
-            ft = fasttext_autotune(ctx, budget, work / name)
+            ft = {"accuracy": float("nan"), "seconds": 0.0, "plan": {}}
+            if not args.no_fasttext:
+                ft = fasttext_autotune(ctx, budget, work / name)
             rows.append({"case": name, "budget_s": budget, "zipfline": ours, "fasttext": ft,
                          "gap_points": 100 * (ours["accuracy"] - ft["accuracy"])})  # fmt: skip
             if not args.json:

@@ -14,9 +14,9 @@ probe of the training rows, not from a grid; every choice keeps the measurement 
   about as it is on this model, so the faster step wins when it is faster by a clear margin.
 
 All three are measured on the compact problem of the probe (the embedding rows its n-grams
-touch and the dense layers, in float64), after a few steps of gradient descent on it
-(:func:`warm_up`): at fastText's initialization the output layer is zero, and so is every
-embedding row's gradient. λ_max is the embedding block's, since ``train.lr`` is the embedding
+touch and the dense layers, in float64), after a few steps of gradient descent on as many
+other rows (:func:`warm_up`): at fastText's initialization the output layer is zero, and so is
+every embedding row's gradient. λ_max is the embedding block's, since ``train.lr`` is the embedding
 table's rate; σ² is the variance of the trainer's own estimator (rows drawn uniformly, losses
 weighted), and n bounds a step's whole batch (split among the workers in sync mode).
 """
@@ -46,6 +46,8 @@ Params = list[torch.Tensor]
 LossFn = Callable[[Params], torch.Tensor]
 MIN_BATCH, MAX_BATCH = 8, 8192
 WARM_UP_STEPS = 10  # gradient steps on the probe before it is measured
+WARM_UP_FIRST_STEP = 1000.0  # the step size each warm-up step tries first (then halves): the
+# gradients at fastText's initialization are tiny (inputs of size 1/dim, a zero output layer)
 PRECISION_MARGIN = 0.8  # a lower precision is chosen when its step takes under 80% of fp32's
 
 
@@ -82,7 +84,7 @@ def gradient_noise(
     mean_sq = sum(float((t * t).sum()) for t in mean)
     cross = sum(float((m * s_).sum()) for m, s_ in zip(mean, spread, strict=True))
     sigma2 = square - 2.0 * cross + float(a[w > 0].sum()) * mean_sq
-    return max(sigma2, 0.0), mean_sq
+    return float(max(sigma2, 0.0)), float(mean_sq)
 
 
 def example_grads_of(
@@ -182,9 +184,15 @@ class Probe:
     example_loss: Callable[[Params, int], torch.Tensor]
     weights: np.ndarray
     names: list[str] = field(default_factory=list)
+    warm_loss: LossFn | None = None
+    """The loss of the rows set aside for :func:`warm_up` (none: the measured rows')."""
 
     @classmethod
-    def of(cls, model: NgramClassifier, batch: Sequence[torch.Tensor]) -> Probe:
+    def of(
+        cls, model: NgramClassifier, batch: Sequence[torch.Tensor], warm: torch.Tensor | None = None
+    ) -> Probe:
+        """The probe of ``batch``; the rows marked in ``warm`` only serve :func:`warm_up`, so
+        that the measured rows' mean gradient is not one the warm-up has just driven down."""
         ids, offsets, labels, weights = batch
         uniq, local = torch.unique(ids, return_inverse=True)
         dense = {n: p for n, p in model.named_parameters() if not n.startswith("embedding.")}
@@ -192,7 +200,8 @@ class Probe:
         params = [model.embedding.weight.detach()[uniq].double().clone()]
         params += [p.detach().double().clone() for p in dense.values()]
         known = labels >= 0
-        w = weights.double() * known
+        w_all = weights.double() * known
+        w = w_all if warm is None else w_all * ~warm
         device = ids.device
         ends = torch.cat([offsets[1:], torch.tensor([len(ids)], device=device)])
         lengths = (ends - offsets).clamp(min=1).double()
@@ -221,9 +230,15 @@ class Probe:
 
         every = torch.arange(len(offsets), device=device)
 
-        def loss(ps: Params) -> torch.Tensor:
-            per = F.cross_entropy(logits(ps, every), labels.clamp(min=0), reduction="none")
-            return (per * w).sum() / w.sum().clamp(min=1e-12)
+        def weighted(by: torch.Tensor) -> LossFn:
+            def loss(ps: Params) -> torch.Tensor:
+                per = F.cross_entropy(logits(ps, every), labels.clamp(min=0), reduction="none")
+                return (per * by).sum() / by.sum().clamp(min=1e-12)
+
+            return loss
+
+        loss = weighted(w)
+        warm_loss = None if warm is None else weighted(w_all * warm)
 
         dense_leaves = [t.detach().requires_grad_(True) for t in params[1:]]
 
@@ -241,7 +256,7 @@ class Probe:
             z = logits(ps, torch.tensor([i], device=device))
             return F.cross_entropy(z, labels[i : i + 1].clamp(min=0))
 
-        return cls(params, loss, example_grads, example_loss, w.cpu().numpy(), names)
+        return cls(params, loss, example_grads, example_loss, w.cpu().numpy(), names, warm_loss)
 
 
 def step_seconds(model: NgramClassifier, batch: Sequence[torch.Tensor], precision: str,
@@ -295,7 +310,10 @@ def plan(
 ) -> list[Choice]:
     """Batch size, learning-rate cap and precision for ``model`` from measurements on
     ``probe_batch`` (see the module docstring), taken after :func:`warm_up`."""
-    probe = Probe.of(model, probe_batch)
+    ids, offsets, labels, weights = probe_batch
+    half = torch.zeros(len(labels), dtype=torch.bool, device=labels.device)
+    half[len(labels) // 2 :] = True  # the batch's rows are in random order: a random half
+    probe = Probe.of(model, probe_batch, warm=half if len(labels) >= 2 * MIN_BATCH else None)
     warm_loss = warm_up(probe)
     choices = []
 
@@ -313,7 +331,7 @@ def plan(
         f"delta = {delta}); {per_worker} per worker ({mode}, {world_size} workers), within "
         f"[{MIN_BATCH}, {min(MAX_BATCH, ceiling)}]",
         {"sigma2": sigma2, "mean_grad_norm2": mean_sq, "eps": eps, "delta": delta, "n_bound": n,
-         "probe_rows": len(probe.weights), "probe_loss": warm_loss,
+         "probe_rows": int((probe.weights > 0).sum()), "warm_up_loss": warm_loss,
          "seconds": time.perf_counter() - t0},
     ))  # fmt: skip
 
@@ -362,14 +380,14 @@ def warm_up(probe: Probe, steps: int = WARM_UP_STEPS) -> float:
     """A few steps of gradient descent with backtracking on the probe's loss, in place, so that
     the measurements are taken away from the initialization (whose zero output layer gives every
     embedding row a zero gradient); returns the loss reached."""
-    params = probe.params
-    loss = float(probe.loss(params))
+    params, objective = probe.params, probe.warm_loss or probe.loss
+    loss = float(objective(params))
     for _ in range(steps):
-        grads = _grad(probe.loss, params)
-        size = 1.0
-        for _ in range(30):  # halve until the loss goes down
+        grads = _grad(objective, params)
+        size = WARM_UP_FIRST_STEP
+        for _ in range(40):  # halve until the loss goes down
             trial = [p - size * g for p, g in zip(params, grads, strict=True)]
-            trial_loss = float(probe.loss(trial))
+            trial_loss = float(objective(trial))
             if trial_loss < loss:
                 break
             size /= 2
@@ -398,7 +416,8 @@ def configure(spec: TrainSpec, manifest: dict[str, Any]) -> tuple[TrainSpec, dic
     labeled = np.flatnonzero(data.labels >= 0)
     if len(labeled) == 0:
         raise ConfigError("train.auto: no labeled training rows to measure on")
-    rows = np.sort(rng.choice(labeled, size=min(t.auto_probe_rows, len(labeled)), replace=False))
+    # twice the probe: half to warm up on, half to measure (in random order: a random split)
+    rows = rng.choice(labeled, size=min(2 * t.auto_probe_rows, len(labeled)), replace=False)
     batch = data.batch(rows)
     torch.manual_seed(t.seed)
     model = NgramClassifier(spec.model_spec(max(len(manifest["labels"]), 1)))

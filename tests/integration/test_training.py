@@ -339,3 +339,26 @@ def test_barrier_mode_on_a_local_cluster(shards, tmp_path):
     assert result["world_size"] == 2 and result["stopped_by"] == "epochs"
     ranks = _ranks(tmp_path / "out")
     assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["steps"] == ranks[1]["steps"]
+
+
+def test_a_rerun_after_a_failure_reuses_the_budget_plan(shards, tmp_path, capsys):
+    """--budget: the plan is kept beside the checkpoints, so the rerun of an interrupted run
+    trains with the same choices (and its checkpoints match) instead of measuring again."""
+    from jobs.train import AUTO_PLAN_FILE, plan_training
+    from trainers.data import load_manifest
+
+    cfg, shard_dir = shards
+    manifest = load_manifest(shard_dir)
+    spec = _spec(cfg, shard_dir, tmp_path, world_size=1, auto=True, time_budget_s=30)
+    first, params = plan_training(spec, manifest, tmp_path)
+    assert "measuring on 512 training rows" in capsys.readouterr().err
+    assert params["time_budget_s"] == 30 and first.train.time_budget_s < 30
+    assert (tmp_path / "checkpoints" / AUTO_PLAN_FILE).exists() and (
+        tmp_path / AUTO_PLAN_FILE
+    ).exists()
+    again, _ = plan_training(spec, manifest, tmp_path)
+    assert "the interrupted run's plan" in capsys.readouterr().err
+    assert again == first
+    # other settings: the kept plan is not theirs, so they are measured
+    other, _ = plan_training(spec.with_train(seed=1), manifest, tmp_path)
+    assert "measuring on" in capsys.readouterr().err and other.train.seed == 1
