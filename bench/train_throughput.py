@@ -29,20 +29,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from wordnet_case import accuracy, fasttext_predict, write_fasttext_file
 
 from core.config import load_config
 from core.layout import RunContext
 from pipelines.flow import run_pipeline
-from trainers.evaluate import TestSet, evaluate, read_test_split
-from trainers.featurizer import normalize_query
+from trainers.evaluate import read_test_split
 from trainers.launch import launch_distributor
 from trainers.serving import Predictor
 from trainers.spec import TrainSpec
-
-
-def _test_accuracy(test_df: pd.DataFrame, labels: list[str], probs: np.ndarray) -> float:
-    m = evaluate(TestSet.from_frame(test_df, labels), probs, breadth_recall=0.8)
-    return 1.0 - m["test_error"]
 
 
 def run_zipfline(cfg, shard_dir: Path, out: Path, workers: int, **train) -> dict:
@@ -59,28 +54,18 @@ def run_fasttext(
 ) -> dict:
     import fasttext
 
-    path = work / "fasttext_train.txt"
-    with path.open("w") as fh:
-        for query, label in zip(train_df["query"], train_df["majority_label"], strict=True):
-            fh.write(f"__label__{label} {query}\n")
+    path = write_fasttext_file(train_df, work / "fasttext_train.txt")
     t0 = time.perf_counter()
     model = fasttext.train_supervised(
         str(path), dim=cfg.model.dim, wordNgrams=cfg.featurizer.word_ngrams,
         bucket=cfg.featurizer.num_buckets, epoch=epochs, thread=threads, minCount=1, lr=0.5, verbose=0,
     )  # fmt: skip
     seconds = time.perf_counter() - t0
-    labels = [lab.removeprefix("__label__") for lab in model.get_labels()]
-    queries = [normalize_query(q) for q in test_df["query"]]
-    got_labels, got_probs = model.predict(queries, k=len(labels))
-    probs = np.zeros((len(queries), len(labels)))
-    index = {lab: i for i, lab in enumerate(labels)}
-    for row, (ls, ps) in enumerate(zip(got_labels, got_probs, strict=True)):
-        for lab, p in zip(ls, ps, strict=True):
-            probs[row, index[lab.removeprefix("__label__")]] = p
+    labels, probs = fasttext_predict(model, test_df)
     return {
         "samples_per_s": len(train_df) * epochs / seconds,
         "seconds": seconds,
-        "accuracy": _test_accuracy(test_df, labels, probs),
+        "accuracy": accuracy(test_df, labels, probs),
     }
 
 
@@ -128,7 +113,7 @@ def main() -> None:
         out = args.work / f"run-{name.replace(' ', '-')}-{precision}-{workers}"
         result = run_zipfline(cfg, shard_dir, out, workers, **{"precision": precision, **train})
         predictor = Predictor.from_file(out / "model.pt")
-        acc = _test_accuracy(test_df, predictor.labels, predictor.predict_proba(test_df["query"]))
+        acc = accuracy(test_df, predictor.labels, predictor.predict_proba(test_df["query"]))
         sps = result["samples_per_s"]
         single.setdefault((name, precision), sps / workers)
         rows.append((f"zipfline {name}", "cpu", precision, workers, sps, sps / workers,
