@@ -300,6 +300,10 @@ class TrainConfig:
     """``auto``: c of the learning-rate cap c · 2/λ_max."""
     use_gpu: bool = False
     """Train on CUDA devices (one per local rank, NCCL) instead of CPU (gloo)."""
+    launcher: Literal["distributor", "processes"] = "distributor"
+    """Who starts the training processes: Spark's TorchDistributor, or ``processes``:
+    torch.multiprocessing on this machine alone, without Spark (seconds sooner to start; for a
+    single machine)."""
     local_mode: bool = True
     """TorchDistributor local mode (processes on the driver) or barrier tasks on executors."""
     seed: int = 0

@@ -1,4 +1,5 @@
-"""train: data-parallel PyTorch on the shards, launched by Spark's TorchDistributor.
+"""train: data-parallel PyTorch on the shards, launched by Spark's TorchDistributor (or, with
+``train.launcher=processes``, by torch.multiprocessing on this machine).
 
 Writes ``model.pt`` (weights, model spec, labels, featurizer settings), ``train_result.json``
 (timings, stop reason, the validation curve), ``train_spec.json`` (what a ``torchrun`` launch of
@@ -17,7 +18,7 @@ if not __package__:  # started as a script by spark-submit: the project, not job
 
 from core.layout import CHECKPOINT_DIR, PYFUNC_DIR, TRAIN_SPEC_FILE, RunContext, StageResult
 from trainers.data import load_manifest
-from trainers.launch import launch_distributor
+from trainers.launch import launch_distributor, launch_processes
 from trainers.serving import save_pyfunc
 from trainers.spec import TrainSpec
 from trainers.trainer import MODEL_FILE, RESULT_FILE, spec_fingerprint
@@ -42,8 +43,11 @@ def run(ctx: RunContext, out: Path) -> StageResult:
     if spec.train.auto:
         spec, plan_params = plan_training(spec, manifest, out)
     spec.write(out / TRAIN_SPEC_FILE)
-    _ = ctx.spark  # TorchDistributor runs inside the active Spark session
-    result = launch_distributor(spec)
+    if spec.train.launcher == "processes":
+        result = launch_processes(spec)
+    else:
+        _ = ctx.spark  # TorchDistributor runs inside the active Spark session
+        result = launch_distributor(spec)
     save_pyfunc(out / MODEL_FILE, out / PYFUNC_DIR)
     if checkpoints.exists():
         shutil.move(str(checkpoints), str(out / "checkpoints"))

@@ -172,7 +172,7 @@ def advance(progress: float, step: int, total: int, warmup: int) -> float:
 
 # How long and how far a run goes does not change what a checkpoint holds.
 NOT_IN_FINGERPRINT = ("time_budget_s", "epochs", "timeout_s", "patience", "auto", "auto_probe_rows",
-                      "auto_grad_rel_error", "auto_delta", "auto_lr_safety")  # fmt: skip
+                      "auto_grad_rel_error", "auto_delta", "auto_lr_safety", "launcher")  # fmt: skip
 
 
 def spec_fingerprint(spec: TrainSpec, manifest: dict[str, Any]) -> str:

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from pipelines.cli import main
-from tests.conftest import fresh_store
+from tests.conftest import SMALL_DATA_SPARK_CONF, fresh_store
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -39,6 +39,7 @@ def test_generate_then_spark_submit_one_stage(spark, in_tmp, mlflow_template, ca
     proc = subprocess.run(
         [str(Path(sys.executable).with_name("spark-submit")), "--master", "local[1]",
          "--conf", "spark.driver.host=127.0.0.1", "--conf", "spark.ui.enabled=false",
+         *[a for k, v in SMALL_DATA_SPARK_CONF.items() for a in ("--conf", f"{k}={v}")],
          str(REPO / "jobs" / "ingest.py"), "--run-date", "2026-11-05",
          "--set", f"data.raw_path={out}", "--set", f"data.root={in_tmp / 'data'}",
          "--set", f"tracking.uri={store}"],

@@ -21,19 +21,19 @@ SMALL = [
 ]  # fmt: skip
 
 
-def _run(*extra: str) -> list[str]:
-    sets = [arg for item in [*SMALL, *extra] for arg in ("--set", item)]
+def _run(store: str, *extra: str) -> list[str]:
+    sets = [arg for item in [*SMALL, f"tracking.uri={store}", *extra] for arg in ("--set", item)]
     return ["run", "--run-date", "2026-11-02", "--to", "split", *sets]
 
 
-def test_demo_then_own_data_on_the_same_day(spark, in_tmp, capsys):
-    tracking = TrackingConfig(uri="sqlite:///mlflow.db")
-    assert main(_run()) == 0
+def test_demo_then_own_data_on_the_same_day(spark, in_tmp, empty_store, capsys):
+    tracking = TrackingConfig(uri=empty_store)
+    assert main(_run(empty_store)) == 0
     demo = report_data(tracking)
     assert demo["stages"]["ingest"]["rows_in"] == 3000
 
     capsys.readouterr()
-    assert main(_run()) == 0  # the same data and settings: every stage reused
+    assert main(_run(empty_store)) == 0  # the same data and settings: every stage reused
     err = capsys.readouterr().err
     assert err.count("reused (same settings and inputs)") == 4, err
     again = report_data(tracking)
@@ -47,7 +47,7 @@ def test_demo_then_own_data_on_the_same_day(spark, in_tmp, capsys):
             for i in range(500)] + [{"query": "", "label": "alpha"}]  # fmt: skip
     pd.DataFrame(rows).to_csv(own / "log.csv", index=False)
     capsys.readouterr()
-    assert main(_run(f"data.raw_path={own}")) == 0
+    assert main(_run(empty_store, f"data.raw_path={own}")) == 0
     err = capsys.readouterr().err
     assert "reused" not in err, err
     assert "generate" not in err.split("\n", 1)[0]  # the stage list no longer generates
@@ -64,13 +64,13 @@ def test_demo_then_own_data_on_the_same_day(spark, in_tmp, capsys):
         own / "log.csv", index=False
     )
     capsys.readouterr()
-    assert main(_run(f"data.raw_path={own}")) == 0
+    assert main(_run(empty_store, f"data.raw_path={own}")) == 0
     assert "reused" not in capsys.readouterr().err
     assert report_data(tracking)["stages"]["ingest"]["rows_in"] == 502
 
     # only split's settings changed: ingest and dedupe are reused, split runs
     capsys.readouterr()
-    assert main(_run(f"data.raw_path={own}", "split.seed=5")) == 0
+    assert main(_run(empty_store, f"data.raw_path={own}", "split.seed=5")) == 0
     err = capsys.readouterr().err
     assert "ingest    reused" in err and "dedupe    reused" in err
     assert "split     running (settings or inputs changed)" in err

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from core.errors import StageError
 from core.layout import RunContext
 from pipelines.flow import run_pipeline
-from tests.conftest import config_for
+from tests.conftest import SMALL_DATA_JVM, SMALL_DATA_SPARK_CONF, config_for
 from trainers import trainer as trainer_module
 from trainers.launch import launch_distributor, launch_processes
 from trainers.spec import TrainSpec
@@ -329,7 +329,8 @@ def test_barrier_mode_on_a_local_cluster(shards, tmp_path):
         "from trainers.launch import launch_distributor\n"
         "from trainers.spec import TrainSpec\n"
         "get_spark(SparkConfig(master='local-cluster[2,1,1024]', driver_memory='1g',"
-        " conf={'spark.executor.memory': '1g'}))\n"
+        f" conf={{'spark.executor.memory': '1g', **{SMALL_DATA_SPARK_CONF!r},"
+        f" 'spark.executor.extraJavaOptions': {SMALL_DATA_JVM!r}}}))\n"
         "print(json.dumps(launch_distributor(TrainSpec.read(sys.argv[1]))))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code, str(spec_path)], capture_output=True, text=True,

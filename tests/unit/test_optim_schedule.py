@@ -105,7 +105,7 @@ def test_checkpoints_of_the_untyped_spec_still_match():
         "train": {
             k: v
             for k, v in dataclasses.asdict(cfg.train).items()
-            if k not in ("time_budget_s", "epochs", "timeout_s", "patience")  # patience: newer
+            if k not in ("time_budget_s", "epochs", "timeout_s", "patience", "launcher")  # newer
             and not k.startswith("auto")  # newer too
         },
         "model": {"dim": cfg.model.dim, "hidden": list(cfg.model.hidden)},
