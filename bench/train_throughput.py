@@ -6,8 +6,9 @@ examples), then trains for a fixed number of epochs with no early stop:
 
 - zipfline's numba kernel (fastText's per-example update, row-wise Adagrad; and plain SGD) with
   1, 2, 4, 8 worker processes (as many as the machine has cores, one thread each), and its torch
-  loop (sync DDP at fp32 and bf16, local SGD), through TorchDistributor local mode: samples/s,
-  per core, scaling efficiency against one worker, and bytes each worker sends per step;
+  loop (sync with the row exchange at fp32 and bf16, local SGD), through TorchDistributor local
+  mode: samples/s, per core, scaling efficiency against one worker, and bytes each worker sends
+  per step;
 - fastText (``fasttext-numpy2``) on the same distinct training texts, one thread and all cores,
   with the same dimension, word n-grams, buckets and epochs: examples/s.
 

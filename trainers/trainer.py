@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from core.config import TrainConfig
 from core.errors import ConfigError
 from trainers.data import check_featurizer, load_manifest, read_split
+from trainers.exchange import RowExchange
 from trainers.kernels import train_examples, warm_hogwild
 from trainers.model import NgramClassifier
 from trainers.spec import TrainSpec
@@ -214,11 +215,14 @@ class Trainer:
             self.cfg, self.device.type, self.model_spec.hidden, self.world_size
         )
         self.local_sgd = self.cfg.mode == "local_sgd" or self.kernel == "numba"
-        # Local SGD steps each replica alone and averages them now and then; sync mode lets DDP
-        # all-reduce the gradients of every step.
+        # Local SGD steps each replica alone and averages them now and then. Sync mode on CPU
+        # exchanges the touched rows' gradients of every step (trainers.exchange); on GPUs DDP
+        # all-reduces the (dense) gradients.
+        self.exchange_rows = not self.local_sgd and self.device.type == "cpu"
+        self.exchange = RowExchange(self.model, self.world_size)
         self.ddp = (
             self.model
-            if self.local_sgd
+            if self.local_sgd or self.exchange_rows
             else DistributedDataParallel(self.model, device_ids=device_ids)
         )
         # The numba kernel's optimizer state: one accumulator per embedding row and per class
@@ -233,7 +237,7 @@ class Trainer:
             self.model_spec.num_buckets, dtype=torch.uint8, device=self.device
         )
         self.comm_seconds = 0.0
-        self.bytes_sent = 0  # what this rank put into model averages (local SGD, numba kernel)
+        self.bytes_sent = 0  # what this rank sent: model averages, or the gradient exchange
         self.optimizers = [] if self.kernel == "numba" else build_optimizers(self.model, self.cfg)
         self.base_lrs = [[g["lr"] for g in opt.param_groups] for opt in self.optimizers]
         self.scaler = torch.amp.GradScaler("cuda") if self.precision.use_scaler else None
@@ -293,6 +297,9 @@ class Trainer:
         else:
             loss.backward()
             fwd_bwd = time.perf_counter() - t0
+            if self.exchange_rows and self.world_size > 1:
+                self.bytes_sent += self.exchange()
+                self.comm_seconds += time.perf_counter() - t0 - fwd_bwd
             for opt in self.optimizers:
                 opt.step()
         self._count_step()
@@ -587,7 +594,11 @@ class Trainer:
                     loss, fwd_bwd = self.kernel_step(rows), 0.0
                 else:
                     batch = self.train_data.batch(rows)
-                    if not self.local_sgd and self.step % PROBE_EVERY == PROBE_EVERY - 1:
+                    if (
+                        not self.local_sgd
+                        and not self.exchange_rows
+                        and self.step % PROBE_EVERY == PROBE_EVERY - 1
+                    ):
                         probe_seconds += self._compute_probe(batch)
                         probe = True
                     t0 = time.perf_counter()
@@ -646,11 +657,15 @@ class Trainer:
         self.save_checkpoint(time_used)
         steps_here = self.step - (self.resumed_from_step or 0)
         step_time = step_seconds / max(steps_here, 1)
-        # Communication: on probe steps, the time the gradient all-reduce adds to the same
-        # forward + backward without it, as a share of those steps' whole time.
+        # Communication: timed where this rank does it (model averages outside the steps, the
+        # gradient exchange inside them); under DDP, on probe steps, the time the all-reduce
+        # adds to the same forward + backward without it, as a share of those steps' time.
         comm_fraction = math.nan
+        outside = self.comm_seconds if self.local_sgd else 0.0  # not in step_seconds
         if self.local_sgd:
             comm_fraction = self.comm_seconds / max(step_seconds + self.comm_seconds, 1e-9)
+        elif self.exchange_rows:
+            comm_fraction = min(1.0, self.comm_seconds / max(step_seconds, 1e-9))
         elif probe_steps_seconds > 0:
             comm = max(0.0, probe_fwd_bwd - probe_seconds)
             comm_fraction = min(1.0, comm / probe_steps_seconds)
@@ -665,9 +680,7 @@ class Trainer:
             "step_time_s": step_time,
             "compute_time_s": step_time * (1.0 - comm_fraction),
             "comm_fraction": comm_fraction,
-            "samples_per_s": samples
-            * self.world_size
-            / max(step_seconds + self.comm_seconds, 1e-9),
+            "samples_per_s": samples * self.world_size / max(step_seconds + outside, 1e-9),
             "train_loss": loss,
             "val_loss": self.history[-1]["val_loss"] if self.history else math.nan,
             "val_accuracy": self.history[-1]["val_accuracy"] if self.history else math.nan,
@@ -677,7 +690,9 @@ class Trainer:
             "world_size": self.world_size,
             "device": str(self.device),
             "kernel": self.kernel,
-            "bytes_per_step": self.bytes_sent / max(steps_here, 1) if self.local_sgd else math.nan,
+            "bytes_per_step": self.bytes_sent / max(steps_here, 1)
+            if self.local_sgd or self.exchange_rows
+            else math.nan,
             "kernel_reason": self.kernel_reason,
             "optimizer": self.optimizer_name,
             "precision": self.precision.name,
