@@ -128,6 +128,16 @@ def select_kernel(
     return "torch", f"train.kernel=auto: torch, since the numba kernel needs: {blockers[0]}"
 
 
+def select_sync(mode: str, kernel: str, device_type: str) -> str:
+    """How the replicas stay in step: ``average`` (local SGD, and the numba kernel: each
+    replica steps alone and they are averaged every ``sync_every`` steps), ``exchange`` (sync
+    mode on CPU: the touched rows' gradients of every step, ``trainers.exchange``) or ``ddp``
+    (sync mode on GPUs: DDP all-reduces the dense gradients over NCCL)."""
+    if mode == "local_sgd" or kernel == "numba":
+        return "average"
+    return "exchange" if device_type == "cpu" else "ddp"
+
+
 def build_optimizers(model: NgramClassifier, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
     """One optimizer for the embedding table (fit for sparse gradients), one for the rest."""
     sparse = model.embedding.sparse
@@ -214,11 +224,8 @@ class Trainer:
         self.kernel, self.kernel_reason = select_kernel(
             self.cfg, self.device.type, self.model_spec.hidden, self.world_size
         )
-        self.local_sgd = self.cfg.mode == "local_sgd" or self.kernel == "numba"
-        # Local SGD steps each replica alone and averages them now and then. Sync mode on CPU
-        # exchanges the touched rows' gradients of every step (trainers.exchange); on GPUs DDP
-        # all-reduces the (dense) gradients.
-        self.exchange_rows = not self.local_sgd and self.device.type == "cpu"
+        sync = select_sync(self.cfg.mode, self.kernel, self.device.type)
+        self.local_sgd, self.exchange_rows = sync == "average", sync == "exchange"
         self.exchange = RowExchange(self.model, self.world_size)
         self.ddp = (
             self.model

@@ -11,7 +11,7 @@ from core.errors import ConfigError, DataError
 from trainers.data import check_featurizer, read_split, sha256_of
 from trainers.featurizer import Featurizer
 from trainers.model import ModelSpec, NgramClassifier
-from trainers.trainer import select_device, select_kernel, select_precision
+from trainers.trainer import select_device, select_kernel, select_precision, select_sync
 
 
 def test_precision_plans():
@@ -118,3 +118,10 @@ def test_kernel_selection_says_what_runs_and_why():
         "torch",
         "train.kernel=torch",
     )
+
+
+def test_sync_selection_exchanges_rows_on_cpu_and_leaves_gpus_to_ddp():
+    assert select_sync("sync", "torch", "cpu") == "exchange"
+    assert select_sync("sync", "torch", "cuda") == "ddp"
+    assert select_sync("local_sgd", "torch", "cuda") == "average"
+    assert select_sync("sync", "numba", "cpu") == "average"  # the kernel averages replicas
