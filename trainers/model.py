@@ -2,10 +2,31 @@
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+
+
+class UnsafeFile(ValueError):
+    """A model or checkpoint file that holds more than tensors and plain values."""
+
+
+def load_tensors(path: Path | str, map_location: str | torch.device = "cpu") -> Any:
+    """Read a ``model.pt`` or checkpoint that holds only tensors and plain Python values
+    (``torch.load(weights_only=True)``), so that loading a file someone else could have written
+    runs no code; a file that carries any other pickled object raises :class:`UnsafeFile`."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsafeFile(
+            f"{path}: refused, it holds pickled Python objects besides tensors and plain values "
+            f"(loading it could run code): {first}"
+        ) from exc
 
 
 @dataclass(frozen=True)

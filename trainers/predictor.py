@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from trainers.featurizer import Featurizer
-from trainers.model import ModelSpec, NgramClassifier
+from trainers.model import ModelSpec, NgramClassifier, load_tensors
 
 PREDICT_BATCH = 8192
 
@@ -31,7 +31,9 @@ class Predictor:
 
     @classmethod
     def from_file(cls, path: Path | str) -> Predictor:
-        return cls(torch.load(path, map_location="cpu", weights_only=False))
+        """The model saved at ``path``; :class:`~trainers.model.UnsafeFile` if the file holds
+        more than tensors and plain values."""
+        return cls(load_tensors(path))
 
     @torch.no_grad()
     def predict_proba(self, queries: list[str] | pd.Series) -> np.ndarray:

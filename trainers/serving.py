@@ -41,10 +41,15 @@ class QueryClassifierModel(mlflow.pyfunc.PythonModel):
         return self.predictor.predict_frame(queries.astype("string").fillna(""))
 
 
+MODEL_CODE = Path(__file__).resolve().with_name("pyfunc_code.py")
+
+
 def pyfunc_kwargs(model_file: Path) -> dict[str, Any]:
-    """Arguments for ``mlflow.pyfunc.save_model``/``log_model``: one definition for both."""
+    """Arguments for ``mlflow.pyfunc.save_model``/``log_model``: one definition for both. The
+    model is logged from code (``trainers/pyfunc_code.py``), not pickled; ``trainers/`` goes
+    along as its code path."""
     return {
-        "python_model": QueryClassifierModel(),
+        "python_model": str(MODEL_CODE),
         "artifacts": {"model": str(model_file)},
         "code_paths": [str(Path(__file__).resolve().parent)],
         "pip_requirements": [f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas"],
@@ -53,8 +58,7 @@ def pyfunc_kwargs(model_file: Path) -> dict[str, Any]:
 
 @contextmanager
 def quiet_pyfunc() -> Iterator[None]:
-    """Silence MLflow's advice to use models-from-code: this model is pickled on purpose, with
-    its code beside it (``code_paths``)."""
+    """Silence MLflow's INFO and WARNING lines while a model is saved or logged."""
     logger = logging.getLogger("mlflow.pyfunc")
     level = logger.level
     logger.setLevel(logging.ERROR)

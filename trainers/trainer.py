@@ -32,7 +32,7 @@ from core.errors import ConfigError
 from trainers.data import check_featurizer, load_manifest, read_split
 from trainers.exchange import RowExchange
 from trainers.kernels import train_examples, warm_hogwild
-from trainers.model import NgramClassifier
+from trainers.model import NgramClassifier, UnsafeFile, load_tensors
 from trainers.spec import TrainSpec
 
 MODEL_FILE = "model.pt"
@@ -533,7 +533,11 @@ class Trainer:
         """Load the newest checkpoint that matches this run, on every rank."""
         for path in reversed(self._checkpoints()):
             try:
-                state = torch.load(path, map_location=self.device, weights_only=False)
+                state = load_tensors(path, map_location=self.device)
+            except UnsafeFile as exc:  # never unpickle code: the one before, or afresh
+                if self.rank == 0:
+                    print(f"[train] {exc}", flush=True)
+                continue
             except Exception as exc:  # a torn or foreign file: try the one before
                 if self.rank == 0:
                     print(f"[train] skipping unreadable checkpoint {path.name}: {exc}", flush=True)

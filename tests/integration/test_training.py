@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import torch.distributed as dist
 
 from core.errors import StageError
@@ -24,6 +25,8 @@ from pipelines.flow import run_pipeline
 from tests.conftest import SMALL_DATA_JVM, SMALL_DATA_SPARK_CONF, config_for
 from trainers import trainer as trainer_module
 from trainers.launch import launch_distributor, launch_processes
+from trainers.model import UnsafeFile
+from trainers.predictor import Predictor
 from trainers.spec import TrainSpec
 from trainers.trainer import FAULT_RANK_ENV, FAULT_STEP_ENV, Trainer, lr_factor
 
@@ -133,6 +136,40 @@ def test_a_checkpoint_of_other_settings_is_not_resumed(shards, tmp_path):
     assert same["resumed_from_step"] == same["steps"] == first["steps"]
     other, _ = _train_here(spec.with_train(lr=0.1, epochs=2), tmp_path)
     assert other["resumed_from_step"] is None and other["epochs_run"] == 2
+
+
+class _Planted:
+    """What a tampered file could carry: unpickling it would run ``print``."""
+
+    def __reduce__(self):  # noqa: ANN204
+        return (print, ("PLANTED CODE RAN",))
+
+
+def test_files_carrying_pickled_objects_are_refused_without_running_them(shards, tmp_path, capsys):
+    """A checkpoint or model.pt with anything besides tensors and plain values is never
+    unpickled: resume refuses it in one line and takes the checkpoint before; the predictor
+    refuses the model."""
+    cfg, shard_dir = shards
+    spec = _spec(cfg, shard_dir, tmp_path, world_size=1, epochs=1, batch_size=16,
+                 checkpoint_every=5)  # fmt: skip
+    first, _ = _train_here(spec, tmp_path)
+    saved = sorted((tmp_path / "checkpoints").glob("ckpt-*.pt"), key=lambda p: int(p.stem[5:]))
+    assert len(saved) == 2
+    newest = saved[-1]
+    state = torch.load(newest, weights_only=True)
+    torch.save(state | {"planted": _Planted()}, newest)
+    capsys.readouterr()
+    again, _ = _train_here(spec, tmp_path)
+    out = capsys.readouterr().out
+    assert f"{newest}: refused, it holds pickled Python objects" in out
+    assert "PLANTED CODE RAN" not in out
+    assert again["resumed_from_step"] == int(saved[0].stem[5:]) < first["steps"]
+
+    model = torch.load(tmp_path / "model.pt", weights_only=True)
+    torch.save(model | {"planted": _Planted()}, tmp_path / "model.pt")
+    with pytest.raises(UnsafeFile, match="refused"):
+        Predictor.from_file(tmp_path / "model.pt")
+    assert "PLANTED CODE RAN" not in capsys.readouterr().out
 
 
 def test_a_single_rank_stops_on_the_budget(shards, tmp_path):
