@@ -19,7 +19,7 @@ from tests.conftest import fresh_store, sets, small_data_spark_conf
 pytestmark = pytest.mark.integration
 
 SMALL = [
-    "featurizer.num_buckets=65536", "model.dim=16", "train.time_budget_s=20", "train.epochs=20",
+    "featurizer.num_buckets=65536", "model.dim=16", "train.time_budget_s=20", "train.epochs=10",
     "spark.master=local[2]", "spark.shuffle_partitions=4", "eval.decompose=false",
     "eval.bootstrap_rounds=50", "select.budget=300",
     "dedupe.near_enabled=false",  # near-duplicates are test_flow's; here they cost a minute
