@@ -44,10 +44,6 @@ class RowExchange:
         self.capacity = 0  # rows per rank the packed buffer has room for (even: alignment)
         self.overflows = 0  # steps that needed the second all-gather
 
-    @property
-    def _row_bytes(self) -> int:
-        return self.index_dtype.itemsize + self.weight.shape[1] * self.weight.element_size()
-
     def _local(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This rank's touched rows, their gradients, and the dense gradients (flat)."""
         grad = self.weight.grad
@@ -61,72 +57,73 @@ class RowExchange:
         dense = torch.cat([g.reshape(-1) for g in parts]) if parts else self.weight.new_zeros(0)
         return rows, values, dense
 
-    def _pack(self, rows: torch.Tensor, values: torch.Tensor, dense: torch.Tensor, room: int,
-              header: bool) -> torch.Tensor:  # fmt: skip
-        """One byte buffer: [count] rows (``room`` of them) values (``room`` rows) [dense]."""
-        esize, dim = self.weight.element_size(), self.weight.shape[1]
-        isize = self.index_dtype.itemsize
-        size = (HEADER if header else 0) + room * (isize + dim * esize)
-        size += self.dense_numel * esize if header else 0
-        buf = torch.zeros(-(-size // 8) * 8, dtype=torch.uint8)  # 8-aligned for every rank's part
-        at = 0
+    def _size(self, room: int, header: bool) -> int:
+        """Bytes of one rank's buffer, rounded up to 8 so that every rank's part is aligned."""
+        per_row = self.index_dtype.itemsize + self.weight.shape[1] * self.weight.element_size()
+        size = room * per_row
         if header:
-            buf[:HEADER].view(torch.int64)[0] = rows.numel()
-            at = HEADER
-        n = min(rows.numel(), room)
-        buf[at : at + room * isize].view(self.index_dtype)[:n] = rows[:n]
+            size += HEADER + self.dense_numel * self.weight.element_size()
+        return -(-size // 8) * 8
+
+    def _regions(self, part: torch.Tensor, room: int, header: bool):  # noqa: ANN202
+        """Views of one rank's buffer ``part``: count (or None), indices (``room``), gradient
+        rows (``room`` × dim), dense gradients (or None): the layout, in one place."""
+        dim, dtype = self.weight.shape[1], self.weight.dtype
+        isize, esize = self.index_dtype.itemsize, self.weight.element_size()
+        at = HEADER if header else 0
+        count = part[:HEADER].view(torch.int64) if header else None
+        rows = part[at : at + room * isize].view(self.index_dtype)
         at += room * isize
-        buf[at : at + room * dim * esize].view(self.weight.dtype).view(room, dim)[:n] = values[:n]
+        values = part[at : at + room * dim * esize].view(dtype).view(room, dim)
         at += room * dim * esize
-        if header and self.dense_numel:
-            buf[at : at + self.dense_numel * esize].view(self.weight.dtype)[:] = dense
+        dense = part[at : at + self.dense_numel * esize].view(dtype) if header else None
+        return count, rows, values, dense
+
+    def _pack(self, rows: torch.Tensor, values: torch.Tensor, dense: torch.Tensor | None,
+              room: int) -> torch.Tensor:  # fmt: skip
+        """One rank's buffer: with ``dense`` (the first all-gather) the count and the dense
+        gradients too; the first ``room`` of ``rows`` and ``values``."""
+        header = dense is not None
+        buf = torch.zeros(self._size(room, header), dtype=torch.uint8)
+        count, row_view, value_view, dense_view = self._regions(buf, room, header)
+        n = min(rows.numel(), room)
+        row_view[:n] = rows[:n]
+        value_view[:n] = values[:n]
+        if header:
+            count[0] = rows.numel()
+            dense_view[:] = dense
         return buf
 
-    def _unpack(self, buf: torch.Tensor, room: int, counts: list[int], header: bool):  # noqa: ANN202
-        """The rows and values of every rank's part of the gathered ``buf`` (and the summed
-        dense gradients when the buffers carry them)."""
-        esize, dim = self.weight.element_size(), self.weight.shape[1]
-        isize = self.index_dtype.itemsize
-        each = buf.numel() // self.world_size
-        rows, values, dense = [], [], None
-        for r, n in enumerate(counts):
-            part = buf[r * each : (r + 1) * each]
-            at = HEADER if header else 0
-            rows.append(part[at : at + room * isize].view(self.index_dtype)[:n])
-            at += room * isize
-            values.append(
-                part[at : at + room * dim * esize].view(self.weight.dtype).view(room, dim)[:n]
-            )
-            at += room * dim * esize
-            if header and self.dense_numel:
-                mine = part[at : at + self.dense_numel * esize].view(self.weight.dtype)
-                dense = mine.clone() if dense is None else dense + mine
-        return rows, values, dense
+    def _unpack(self, gathered: torch.Tensor, room: int, header: bool):  # noqa: ANN202
+        """Every rank's count (or None), rows and values in ``gathered``, and the sum of their
+        dense gradients (or None); only the first count of each part's rows are real."""
+        each = gathered.numel() // self.world_size
+        parts = [self._regions(gathered[r * each : (r + 1) * each], room, header)
+                 for r in range(self.world_size)]  # fmt: skip
+        counts = [int(c[0]) for c, *_ in parts] if header else None
+        dense = None
+        if header and self.dense_numel:
+            dense = torch.stack([d for *_, d in parts]).sum(0)
+        return counts, [(r, v) for _, r, v, _ in parts], dense
 
     def __call__(self) -> int:
         """Exchange this step's gradients; the bytes this rank sent."""
         rows, values, dense = self._local()
         room = self.capacity
-        buf = self._pack(rows, values, dense, room, header=True)
-        gathered = _gather(buf, self.world_size)
-        each = buf.numel()
-        counts = [int(gathered[r * each : r * each + HEADER].view(torch.int64)[0])
-                  for r in range(self.world_size)]  # fmt: skip
-        all_rows, all_values, summed = self._unpack(
-            gathered, room, [min(n, room) for n in counts], header=True
-        )
+        buf = self._pack(rows, values, dense, room)
+        counts, parts, summed = self._unpack(_gather(buf, self.world_size), room, header=True)
+        all_rows = [r[: min(n, room)] for (r, _), n in zip(parts, counts, strict=True)]
+        all_values = [v[: min(n, room)] for (_, v), n in zip(parts, counts, strict=True)]
         sent = buf.numel()
         largest = max(counts)
         if largest > room:  # the rest of the rows, then more room from the next step on
             more = largest - room
             more += more % 2
-            extra = self._pack(rows[room:], values[room:], dense, more, header=False)
-            rest = _gather(extra, self.world_size)
-            more_rows, more_values, _ = self._unpack(
-                rest, more, [max(n - room, 0) for n in counts], header=False
-            )
-            all_rows += more_rows
-            all_values += more_values
+            extra = self._pack(rows[room:], values[room:], None, more)
+            _, rest, _ = self._unpack(_gather(extra, self.world_size), more, header=False)
+            for (r, v), n in zip(rest, counts, strict=True):
+                all_rows.append(r[: max(n - room, 0)])
+                all_values.append(v[: max(n - room, 0)])
             sent += extra.numel()
             self.capacity = int(largest * GROWTH) + 1
             self.capacity += self.capacity % 2

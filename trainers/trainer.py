@@ -226,7 +226,7 @@ class Trainer:
         )
         sync = select_sync(self.cfg.mode, self.kernel, self.device.type)
         self.local_sgd, self.exchange_rows = sync == "average", sync == "exchange"
-        self.exchange = RowExchange(self.model, self.world_size)
+        self.exchange = RowExchange(self.model, self.world_size) if self.exchange_rows else None
         self.ddp = (
             self.model
             if self.local_sgd or self.exchange_rows
@@ -304,7 +304,7 @@ class Trainer:
         else:
             loss.backward()
             fwd_bwd = time.perf_counter() - t0
-            if self.exchange_rows and self.world_size > 1:
+            if self.exchange is not None and self.world_size > 1:
                 self.bytes_sent += self.exchange()
                 self.comm_seconds += time.perf_counter() - t0 - fwd_bwd
             for opt in self.optimizers:
