@@ -11,6 +11,7 @@ import pytest
 from core.config import TrackingConfig
 from pipelines.cli import main
 from pipelines.report import report_data
+from tests.conftest import sets
 
 pytestmark = pytest.mark.integration
 
@@ -22,8 +23,8 @@ SMALL = [
 
 
 def _run(store: str, *extra: str) -> list[str]:
-    sets = [arg for item in [*SMALL, f"tracking.uri={store}", *extra] for arg in ("--set", item)]
-    return ["run", "--run-date", "2026-11-02", "--to", "split", *sets]
+    return ["run", "--run-date", "2026-11-02", "--to", "split",
+            *sets(*SMALL, f"tracking.uri={store}", *extra)]  # fmt: skip
 
 
 def test_demo_then_own_data_on_the_same_day(spark, in_tmp, empty_store, capsys):
