@@ -37,8 +37,11 @@ wordnet:
 demo: $(STAMP) java
 	$(BIN)/zipfline run $(ARGS)
 
+# The tests run in TEST_WORKERS processes (pytest-xdist; 0: in this one), stealing work from
+# each other; they share one Spark-made pipeline run (tests/conftest.py).
+TEST_WORKERS ?= 2
 test: $(STAMP) java
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal $(ARGS)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not integration" $(ARGS)

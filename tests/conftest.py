@@ -16,11 +16,13 @@ The fixtures here hand out absolute URIs only.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import json
 import os
 import shutil
 import sqlite3
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,6 +32,14 @@ import pytest
 from core.config import Config, TrackingConfig, load_config
 
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # An xdist worker's __main__ has neither a spec nor a file, which PySpark's Connect module
+    # (imported by Great Expectations) takes for a doctest run, and exits the process. Import
+    # Great Expectations once as an interactive session would; it keeps what it found.
+    sys.ps1 = ""
+    import great_expectations  # noqa: F401
+
+    del sys.ps1
 WORDNET = Path(__file__).resolve().parent / "fixtures" / "wordnet"
 """A few real WordNet synsets, so tests need no system WordNet."""
 
@@ -237,11 +247,39 @@ def run_cli(argv: list[str], cwd: Path) -> tuple[int, str, str]:
 def shared_run(spark: object, tmp_path_factory: pytest.TempPathFactory) -> FinishedRun:
     """The shared run, once per session: ``zipfline run`` of ``SHARED_SETTINGS`` on the
     generated log, every stage, into a session folder. Read it, never change it: a test that
-    reruns stages, registers models or writes files takes :func:`finished_run`."""
-    run = FinishedRun(tmp_path_factory.mktemp("shared-run"), SHARED_DATE, SHARED_SETTINGS)
-    code, out, err = run_cli(run.argv(), run.folder)
-    assert code == 0, f"the shared run failed:\n{err[-6000:]}\n{out[-3000:]}"
-    return replace(run, out=out, err=err)
+    reruns stages, registers models or writes files takes :func:`finished_run`.
+
+    Under pytest-xdist the workers share one run: the first to ask makes it under a file lock,
+    the others wait for it and read what it printed."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the folder all workers' temp folders are in
+    run = FinishedRun(base / "shared-run", SHARED_DATE, SHARED_SETTINGS)
+    record = base / "shared-run.json"
+    with open(base / "shared-run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not record.exists():
+            run.folder.mkdir()
+            code, out, err = run_cli(run.argv(), run.folder)
+            record.write_text(json.dumps({"code": code, "out": out, "err": err}))
+    done = json.loads(record.read_text())
+    assert done["code"] == 0, (
+        f"the shared run failed:\n{done['err'][-6000:]}\n{done['out'][-3000:]}"
+    )
+    return replace(run, out=done["out"], err=done["err"])
+
+
+FIRST = ("tests/integration/test_retrain.py", "tests/integration/test_training.py")
+"""The modules with the longest tests, run first (each kept whole) so that parallel workers do
+not end up waiting on one long test at the end."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        module = item.nodeid.split("::")[0]
+        return FIRST.index(module) if module in FIRST else len(FIRST)
+
+    items.sort(key=rank)
 
 
 @pytest.fixture
