@@ -37,7 +37,8 @@ from trainers.spec import TrainSpec
 
 MODEL_FILE = "model.pt"
 RESULT_FILE = "train_result.json"
-STOP_CHECK_EVERY = 8  # steps between stop votes: one tiny all-reduce, not one per step
+STOP_CHECK_EVERY = 8  # fewest steps between stop votes: one tiny all-reduce, not one per step
+VOTE_EVERY_S = 0.05  # once timed, votes come about this often (a gloo all-reduce costs ~1 ms)
 PROBE_EVERY = 25  # steps between compute-only probes that split step time into compute and comm
 LOSS_EVERY = 10  # steps between recorded loss values (rank 0, logged to MLflow in one batch)
 PROGRESS_EVERY_S = 5.0
@@ -243,6 +244,7 @@ class Trainer:
         self._touched = torch.zeros(
             self.model_spec.num_buckets, dtype=torch.uint8, device=self.device
         )
+        self._average_buffer = torch.empty(0, dtype=self.precision.param_dtype, device=self.device)
         self.comm_seconds = 0.0
         self.bytes_sent = 0  # what this rank sent: model averages, or the gradient exchange
         self.optimizers = [] if self.kernel == "numba" else build_optimizers(self.model, self.cfg)
@@ -261,6 +263,7 @@ class Trainer:
         self.total_steps = 1  # the planned steps, over which the learning rates decay
         self.progress = 0.0  # how far through them the schedule is (see `advance`)
         self.stopped_by: str | None = None  # set once training has ended (kept in checkpoints)
+        self.vote_every = STOP_CHECK_EVERY  # steps between stop votes, agreed in `_plan`
 
     # --- pieces -------------------------------------------------------------------------
 
@@ -398,9 +401,16 @@ class Trainer:
         weight = self.model.embedding.weight
         sent = touched.numel()
         if len(rows):
-            values = weight.index_select(0, rows)
+            # Gathered into a buffer kept between averages: a fresh one of tens of MB costs more
+            # in page faults than the copy itself; the mean is taken in place.
+            size = len(rows) * weight.shape[1]
+            if self._average_buffer.numel() < size:
+                self._average_buffer = weight.new_empty(int(size * 1.25))
+            values = self._average_buffer[:size].view(len(rows), weight.shape[1])
+            torch.index_select(weight, 0, rows, out=values)
             dist.all_reduce(values)
-            weight.index_copy_(0, rows, values / self.world_size)
+            values.mul_(1.0 / self.world_size)
+            weight.index_copy_(0, rows, values)
             sent += values.numel() * values.element_size()
         dense = [
             p for name, p in self.model.named_parameters() if not name.startswith("embedding.")
@@ -450,13 +460,18 @@ class Trainer:
     def _plan(self, start: float, launch: tuple[float, int], cap: int | None) -> None:
         """Plan the steps the learning rates decay over: those the rest of the budget leaves
         room for at this launch's wall time per step so far (evaluations and checkpoints
-        included), at most ``cap``; every rank takes the smallest plan."""
+        included), at most ``cap``; every rank takes the smallest plan. The ranks also agree on
+        the steps between stop votes: about ``VOTE_EVERY_S`` apart at the slowest rank's pace,
+        so that short steps (the numba kernel's) do not spend a tenth of their time voting."""
         now = time.monotonic()
         per_step = (now - launch[0]) / max(self.step - launch[1], 1)
         room = max(self.cfg.time_budget_s - (now - start), 0.0) / max(per_step, 1e-9)
-        planned = torch.tensor([float(self.step + math.floor(room))], device=self.device)
-        dist.all_reduce(planned, op=dist.ReduceOp.MIN)
-        total = int(planned.item()) if cap is None else min(cap, int(planned.item()))
+        vote = max(STOP_CHECK_EVERY, math.ceil(VOTE_EVERY_S / max(per_step, 1e-9)))
+        agreed = torch.tensor([float(self.step + math.floor(room)), float(vote)],
+                              dtype=torch.float64, device=self.device)  # fmt: skip
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        planned, self.vote_every = int(agreed[0].item()), int(agreed[1].item())
+        total = planned if cap is None else min(cap, planned)
         self.total_steps = max(total, self.step + 1)
 
     def _steps_per_epoch(self) -> int:
@@ -628,7 +643,7 @@ class Trainer:
                     self.average_models()
                 if every and self.step % every == 0:
                     self.save_checkpoint(time.monotonic() - start)
-                if self.step % STOP_CHECK_EVERY == 0 and self._agree(
+                if self.step % self.vote_every == 0 and self._agree(
                     time.monotonic() - start >= budget
                 ):
                     out_of_time = True
@@ -705,6 +720,7 @@ class Trainer:
             if self.local_sgd or self.exchange_rows
             else math.nan,
             "kernel_reason": self.kernel_reason,
+            "stop_vote_every": self.vote_every,
             "optimizer": self.optimizer_name,
             "precision": self.precision.name,
         }

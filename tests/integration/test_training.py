@@ -28,7 +28,7 @@ from trainers.launch import launch_distributor, launch_processes
 from trainers.model import UnsafeFile
 from trainers.predictor import Predictor
 from trainers.spec import TrainSpec
-from trainers.trainer import FAULT_RANK_ENV, FAULT_STEP_ENV, Trainer, lr_factor
+from trainers.trainer import FAULT_RANK_ENV, FAULT_STEP_ENV, STOP_CHECK_EVERY, Trainer, lr_factor
 
 pytestmark = pytest.mark.integration
 
@@ -180,6 +180,8 @@ def test_a_single_rank_stops_on_the_budget(shards, tmp_path):
     assert result["stopped_by"] == "budget" and result["precision"] == "bf16"
     assert 0.5 <= result["time_used_s"] < 4
     assert result["steps"] > 0 and result["epochs_run"] >= 1
+    # steps of 8 rows take well under VOTE_EVERY_S / STOP_CHECK_EVERY: votes spread out
+    assert STOP_CHECK_EVERY < result["stop_vote_every"] < result["steps"]
     assert (tmp_path / "model.pt").exists()
 
 
