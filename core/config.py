@@ -238,10 +238,12 @@ class TrainConfig:
     """Training processes (data-parallel workers)."""
     precision: Literal["fp64", "fp32", "bf16", "fp16"] = "fp32"
     """Numeric precision; ``fp16`` needs a GPU (it uses a gradient scaler)."""
-    mode: Literal["sync", "local_sgd"] = "sync"
-    """``sync``: gradients all-reduced every step (DDP). ``local_sgd``: each worker steps on its
-    own and the models are averaged every ``sync_every`` steps (only the embedding rows some
-    worker touched travel), trading staleness for far less communication."""
+    mode: Literal["auto", "sync", "local_sgd"] = "auto"
+    """``sync``: every step, the gradients of the embedding rows some worker touched are
+    exchanged (DDP's all-reduce on GPUs). ``local_sgd``: each worker steps on its own and the
+    models are averaged every ``sync_every`` steps (only the embedding rows some worker touched
+    travel), trading staleness for far less communication. ``auto``: ``local_sgd`` where the
+    numba kernel runs (it steps example by example), ``sync`` elsewhere."""
     sync_every: int = 50
     """Steps between model averages in ``local_sgd`` mode."""
     time_budget_s: float = 60.0
@@ -255,12 +257,12 @@ class TrainConfig:
     """Optimizer of the embedding table (sparse gradients on CPU); ``sparse_adam`` is CPU only.
     Under the numba kernel ``adagrad`` is row-wise Adagrad (one accumulator per row) and the
     output layer takes the same optimizer and ``lr``."""
-    kernel: Literal["auto", "numba", "torch"] = "torch"
+    kernel: Literal["auto", "numba", "torch"] = "auto"
     """The training loop: ``numba``, fastText's per-example update compiled for the CPU
     (linear model, fp32/fp64, ``sgd`` or ``adagrad``; workers average every ``sync_every``
-    steps); ``torch`` (the default for now), mini-batches through autograd and DDP; ``auto``,
-    numba where it applies (CPU, no hidden layer, fp32/fp64, sgd/adagrad, and ``local_sgd``
-    mode or one worker)."""
+    steps); ``torch``, mini-batches through autograd; ``auto`` (the default), numba where it
+    applies (CPU, no hidden layer, fp32/fp64, sgd/adagrad, and a ``mode`` other than ``sync``
+    or one worker), torch elsewhere."""
     threads: int = 1
     """Threads per worker under the numba kernel (Hogwild!: lock-free shared updates, as
     fastText does); 1 is deterministic."""

@@ -30,10 +30,13 @@ def grid(ctx: RunContext) -> list[dict[str, Any]]:
 
 
 def point_spec(base: TrainSpec, point: dict[str, Any]) -> TrainSpec:
-    """The training spec of one point: one process, the point's budget, size and precision."""
+    """The training spec of one point: one process, the point's budget, size and precision,
+    in the torch loop (the numba kernel has no bf16: the precision axis compares one learner
+    with itself)."""
     spec = base.with_train(
         time_budget_s=point["time_budget_s"], precision=point["precision"], world_size=1,
-        mode="sync", epochs=None if base.train.epochs is None else max(base.train.epochs, 50),
+        mode="sync", kernel="torch",
+        epochs=None if base.train.epochs is None else max(base.train.epochs, 50),
     )  # fmt: skip
     return spec.with_model(dim=point["dim"])
 

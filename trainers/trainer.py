@@ -104,7 +104,8 @@ def select_kernel(
 
     The numba kernel is fastText's per-example update of the linear model on the CPU; it has no
     hidden layers, no mixed precision and no sparse Adam, and since it steps example by
-    example, workers meet by averaging (``local_sgd``) rather than by all-reducing gradients.
+    example, workers meet by averaging (``local_sgd``, which ``auto`` mode picks for it) rather
+    than by exchanging gradients every step.
     ``train.kernel=numba`` where it cannot apply is a config error naming the reason."""
     blockers = [
         why
@@ -114,8 +115,9 @@ def select_kernel(
             (cfg.precision not in ("fp32", "fp64"), "it computes in fp32 or fp64"),
             (cfg.optimizer not in ("sgd", "adagrad"), "its optimizers are sgd and adagrad"),
             (
-                cfg.mode != "local_sgd" and world_size > 1,
-                "workers average its models (train.mode=local_sgd) rather than all-reduce",
+                cfg.mode == "sync" and world_size > 1,
+                "workers average its models (train.mode=local_sgd or auto) rather than exchange "
+                "gradients every step",
             ),
         )
         if bad
@@ -133,7 +135,8 @@ def select_sync(mode: str, kernel: str, device_type: str) -> str:
     """How the replicas stay in step: ``average`` (local SGD, and the numba kernel: each
     replica steps alone and they are averaged every ``sync_every`` steps), ``exchange`` (sync
     mode on CPU: the touched rows' gradients of every step, ``trainers.exchange``) or ``ddp``
-    (sync mode on GPUs: DDP all-reduces the dense gradients over NCCL)."""
+    (sync mode on GPUs: DDP all-reduces the dense gradients over NCCL). ``auto`` mode is
+    ``average`` for the numba kernel and sync for the torch loop."""
     if mode == "local_sgd" or kernel == "numba":
         return "average"
     return "exchange" if device_type == "cpu" else "ddp"
@@ -185,6 +188,12 @@ def advance(progress: float, step: int, total: int, warmup: int) -> float:
 # How long and how far a run goes does not change what a checkpoint holds.
 NOT_IN_FINGERPRINT = ("time_budget_s", "epochs", "timeout_s", "patience", "auto", "auto_probe_rows",
                       "auto_grad_rel_error", "auto_delta", "auto_lr_safety", "launcher")  # fmt: skip
+
+
+def stop_vote_interval(step_seconds: float) -> int:
+    """Steps between stop votes at ``step_seconds`` a step: about ``VOTE_EVERY_S`` apart, at
+    least every ``STOP_CHECK_EVERY`` steps and at most every 100,000."""
+    return min(max(STOP_CHECK_EVERY, math.ceil(VOTE_EVERY_S / max(step_seconds, 1e-9))), 10**5)
 
 
 def spec_fingerprint(spec: TrainSpec, manifest: dict[str, Any]) -> str:
@@ -466,7 +475,7 @@ class Trainer:
         now = time.monotonic()
         per_step = (now - launch[0]) / max(self.step - launch[1], 1)
         room = max(self.cfg.time_budget_s - (now - start), 0.0) / max(per_step, 1e-9)
-        vote = max(STOP_CHECK_EVERY, math.ceil(VOTE_EVERY_S / max(per_step, 1e-9)))
+        vote = stop_vote_interval(per_step)
         agreed = torch.tensor([float(self.step + math.floor(room)), float(vote)],
                               dtype=torch.float64, device=self.device)  # fmt: skip
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN)

@@ -25,7 +25,13 @@ SEEDS = (0, 1)
 
 def _with(spec: TrainSpec, *, seed, dim=None, budget=60.0) -> TrainSpec:
     return spec.with_train(
-        seed=seed, world_size=1, mode="sync", time_budget_s=budget, epochs=30, tolerance=1e-4
+        seed=seed,
+        world_size=1,
+        mode="sync",
+        time_budget_s=budget,
+        epochs=30,
+        tolerance=1e-4,
+        kernel="torch",  # as the evaluate stage's reference runs
     ).with_model(dim=dim or spec.model.dim)
 
 

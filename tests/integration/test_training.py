@@ -41,6 +41,11 @@ DATA = [
     # (both tested on their own), which makes the fixture faster
     "dq.enabled=false",
     "dedupe.near_enabled=false",
+    # the torch loop in sync mode, the trainer's general machinery (row exchange, DDP-style
+    # resume, precisions); the numba kernel, the default on CPU, where a test names it, and
+    # in every flow test
+    "train.kernel=torch",
+    "train.mode=sync",
 ]
 _stores = itertools.count()
 
@@ -91,10 +96,11 @@ class _Crash(Exception):
     """The injected fault, raised instead of killing the test process."""
 
 
-def test_resume_after_a_crash(shards, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kernel", ["torch", "numba"])
+def test_resume_after_a_crash(shards, tmp_path, monkeypatch, kernel):
     cfg, shard_dir = shards
     spec = _spec(cfg, shard_dir, tmp_path, world_size=1, epochs=3, batch_size=64,
-                 checkpoint_every=10, time_budget_s=60)  # fmt: skip
+                 checkpoint_every=10, time_budget_s=60, kernel=kernel)  # fmt: skip
 
     def crash() -> None:
         raise _Crash("rank 0 at step 25")
@@ -109,7 +115,7 @@ def test_resume_after_a_crash(shards, tmp_path, monkeypatch):
     assert saved == ["ckpt-10.pt", "ckpt-20.pt"]
     assert not (tmp_path / "model.pt").exists()
     result, resumed = _train_here(spec, tmp_path, _RecordingTrainer)  # the same run again
-    assert result["resumed_from_step"] == 20
+    assert result["resumed_from_step"] == 20 and result["kernel"] == kernel
     # the schedule goes on where the checkpoint left it: the rates of an uninterrupted run
     monkeypatch.delenv(FAULT_RANK_ENV)
     (tmp_path / "whole").mkdir()
@@ -180,8 +186,7 @@ def test_a_single_rank_stops_on_the_budget(shards, tmp_path):
     assert result["stopped_by"] == "budget" and result["precision"] == "bf16"
     assert 0.5 <= result["time_used_s"] < 4
     assert result["steps"] > 0 and result["epochs_run"] >= 1
-    # steps of 8 rows take well under VOTE_EVERY_S / STOP_CHECK_EVERY: votes spread out
-    assert STOP_CHECK_EVERY < result["stop_vote_every"] < result["steps"]
+    assert STOP_CHECK_EVERY <= result["stop_vote_every"] < result["steps"]  # agreed in a plan
     assert (tmp_path / "model.pt").exists()
 
 

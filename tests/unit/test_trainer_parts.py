@@ -11,7 +11,14 @@ from core.errors import ConfigError, DataError
 from trainers.data import check_featurizer, read_split, sha256_of
 from trainers.featurizer import Featurizer
 from trainers.model import ModelSpec, NgramClassifier
-from trainers.trainer import select_device, select_kernel, select_precision, select_sync
+from trainers.trainer import (
+    STOP_CHECK_EVERY,
+    select_device,
+    select_kernel,
+    select_precision,
+    select_sync,
+    stop_vote_interval,
+)
 
 
 def test_precision_plans():
@@ -102,12 +109,14 @@ def test_kernel_selection_says_what_runs_and_why():
     auto = TrainConfig(world_size=1, kernel="auto")
     assert select_kernel(auto, "cpu", (), 1)[0] == "numba"
     assert select_kernel(TrainConfig(mode="local_sgd", kernel="auto"), "cpu", (), 4)[0] == "numba"
+    assert select_kernel(TrainConfig(), "cpu", (), 2)[0] == "numba"  # the defaults, on a CPU
+    assert select_kernel(TrainConfig(), "cuda", (), 2)[0] == "torch"
     for cfg, device, hidden, world, why in (
         (auto, "cuda", (), 1, "CPU"),
         (auto, "cpu", (32,), 1, "linear model"),
         (TrainConfig(precision="bf16", kernel="auto"), "cpu", (), 1, "fp32 or fp64"),
         (TrainConfig(optimizer="sparse_adam", kernel="auto"), "cpu", (), 1, "sgd and adagrad"),
-        (TrainConfig(mode="sync", kernel="auto"), "cpu", (), 2, "local_sgd"),
+        (TrainConfig(mode="sync", kernel="auto"), "cpu", (), 2, "local_sgd or auto"),
     ):
         kernel, reason = select_kernel(cfg, device, hidden, world)
         assert kernel == "torch" and why in reason
@@ -122,6 +131,16 @@ def test_kernel_selection_says_what_runs_and_why():
 
 def test_sync_selection_exchanges_rows_on_cpu_and_leaves_gpus_to_ddp():
     assert select_sync("sync", "torch", "cpu") == "exchange"
+    assert select_sync("auto", "torch", "cpu") == "exchange"  # auto is sync for the torch loop
+    assert select_sync("auto", "numba", "cpu") == "average"  # and averaging for the kernel
     assert select_sync("sync", "torch", "cuda") == "ddp"
     assert select_sync("local_sgd", "torch", "cuda") == "average"
     assert select_sync("sync", "numba", "cpu") == "average"  # the kernel averages replicas
+
+
+def test_stop_votes_come_about_every_50_ms_and_at_least_every_8_steps():
+    assert stop_vote_interval(0.001) == 50  # 1 ms steps (the numba kernel's): every 50
+    assert stop_vote_interval(0.0001) == 500
+    assert stop_vote_interval(0.02) == STOP_CHECK_EVERY == 8  # slow steps: the floor
+    assert stop_vote_interval(0.0) == 10**5  # a zero step time neither divides by zero nor
+    # spaces the votes without bound
