@@ -28,7 +28,7 @@ AUTO_PLAN_FILE = "auto_plan.json"
 TRAIN_METRICS = (
     "time_used_s", "steps", "planned_steps", "step_time_s", "compute_time_s", "comm_fraction",
     "samples_per_s", "train_loss", "val_loss", "val_accuracy", "epochs_run", "resumed_from_step",
-    "bytes_per_step",
+    "bytes_per_step", "stop_vote_every",
 )  # fmt: skip
 
 
@@ -60,6 +60,7 @@ def run(ctx: RunContext, out: Path) -> StageResult:
         params=spec.params(manifest)
         | {
             "kernel": result["kernel"],
+            "sync": result["sync"],
             "optimizer": result["optimizer"],
             "threads": spec.train.threads,
         }

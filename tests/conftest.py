@@ -251,17 +251,21 @@ def shared_run(spark: object, tmp_path_factory: pytest.TempPathFactory) -> Finis
 
     Under pytest-xdist the workers share one run: the first to ask makes it under a file lock,
     the others wait for it and read what it printed."""
-    base = tmp_path_factory.getbasetemp()
+    base, tag = tmp_path_factory.getbasetemp(), "shared-run"
     if os.environ.get("PYTEST_XDIST_WORKER"):
         base = base.parent  # the folder all workers' temp folders are in
-    run = FinishedRun(base / "shared-run", SHARED_DATE, SHARED_SETTINGS)
-    record = base / "shared-run.json"
-    with open(base / "shared-run.lock", "w") as lock:
+        tag += "-" + os.environ.get("PYTEST_XDIST_TESTRUNUID", "")  # this session's, not older
+    run = FinishedRun(base / tag, SHARED_DATE, SHARED_SETTINGS)
+    record = base / f"{tag}.json"
+    with open(base / f"{tag}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not record.exists():
+            shutil.rmtree(run.folder, ignore_errors=True)  # a worker that died while making it
             run.folder.mkdir()
             code, out, err = run_cli(run.argv(), run.folder)
-            record.write_text(json.dumps({"code": code, "out": out, "err": err}))
+            partial = record.with_suffix(".partial")
+            partial.write_text(json.dumps({"code": code, "out": out, "err": err}))
+            partial.replace(record)
     done = json.loads(record.read_text())
     assert done["code"] == 0, (
         f"the shared run failed:\n{done['err'][-6000:]}\n{done['out'][-3000:]}"
@@ -270,8 +274,9 @@ def shared_run(spark: object, tmp_path_factory: pytest.TempPathFactory) -> Finis
 
 
 FIRST = ("tests/integration/test_retrain.py", "tests/integration/test_training.py")
-"""The modules with the longest tests, run first (each kept whole) so that parallel workers do
-not end up waiting on one long test at the end."""
+"""The modules with the longest tests, collected first and each kept together: under work
+stealing the first worker starts on them while the other takes the rest of the list (a stolen
+share of ``test_training`` builds that module's shards once more)."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

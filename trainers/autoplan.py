@@ -41,6 +41,7 @@ from core.errors import ConfigError
 from trainers.data import read_split
 from trainers.model import NgramClassifier
 from trainers.spec import TrainSpec
+from trainers.trainer import what_runs
 
 Params = list[torch.Tensor]
 LossFn = Callable[[Params], torch.Tensor]
@@ -421,15 +422,19 @@ def configure(spec: TrainSpec, manifest: dict[str, Any]) -> tuple[TrainSpec, dic
     batch = data.batch(rows)
     torch.manual_seed(t.seed)
     model = NgramClassifier(spec.model_spec(max(len(manifest["labels"]), 1)))
+    on_gpu = t.use_gpu and torch.cuda.is_available()
+    # what train.kernel / train.mode = auto become here: the numba kernel computes in fp32 (its
+    # step times are not the torch loop's), and its workers average rather than split a batch
+    kernel, mode = what_runs(t, "cuda" if on_gpu else "cpu", tuple(spec.model.hidden))
     precisions = (
-        ["fp32", "bf16", "fp16"] if t.use_gpu and torch.cuda.is_available() else ["fp32", "bf16"]
+        ["fp32"] if kernel == "numba" else ["fp32", "bf16", "fp16"] if on_gpu else ["fp32", "bf16"]
     )
     if t.use_gpu and torch.cuda.is_available():
         model = model.cuda()
         batch = tuple(x.cuda() for x in batch)
     choices = plan(
         model, batch, optimizer=t.optimizer, lr=t.lr, precisions=precisions,
-        train_rows=int(manifest["splits"]["train"]["rows"]), world_size=t.world_size, mode=t.mode,
+        train_rows=int(manifest["splits"]["train"]["rows"]), world_size=t.world_size, mode=mode,
         grad_rel_error=t.auto_grad_rel_error, delta=t.auto_delta, lr_safety=t.auto_lr_safety,
         seed=t.seed,
     )  # fmt: skip

@@ -131,6 +131,14 @@ def select_kernel(
     return "torch", f"train.kernel=auto: torch, since the numba kernel needs: {blockers[0]}"
 
 
+def what_runs(cfg: TrainConfig, device_type: str, hidden: tuple[int, ...]) -> tuple[str, str]:
+    """The loop (``numba`` or ``torch``) and the mode (``sync`` or ``local_sgd``) that ``cfg``
+    resolves to: what ``auto`` settings become, for planners that must know before training."""
+    kernel, _ = select_kernel(cfg, device_type, hidden, cfg.world_size)
+    sync = select_sync(cfg.mode, kernel, device_type)
+    return kernel, "local_sgd" if sync == "average" else "sync"
+
+
 def select_sync(mode: str, kernel: str, device_type: str) -> str:
     """How the replicas stay in step: ``average`` (local SGD, and the numba kernel: each
     replica steps alone and they are averaged every ``sync_every`` steps), ``exchange`` (sync
@@ -413,8 +421,8 @@ class Trainer:
             # Gathered into a buffer kept between averages: a fresh one of tens of MB costs more
             # in page faults than the copy itself; the mean is taken in place.
             size = len(rows) * weight.shape[1]
-            if self._average_buffer.numel() < size:
-                self._average_buffer = weight.new_empty(int(size * 1.25))
+            if self._average_buffer.numel() < size:  # never more than the table itself
+                self._average_buffer = weight.new_empty(min(int(size * 1.25), weight.numel()))
             values = self._average_buffer[:size].view(len(rows), weight.shape[1])
             torch.index_select(weight, 0, rows, out=values)
             dist.all_reduce(values)
@@ -730,6 +738,7 @@ class Trainer:
             else math.nan,
             "kernel_reason": self.kernel_reason,
             "stop_vote_every": self.vote_every,
+            "sync": "average" if self.local_sgd else "exchange" if self.exchange_rows else "ddp",
             "optimizer": self.optimizer_name,
             "precision": self.precision.name,
         }

@@ -18,6 +18,7 @@ from trainers.trainer import (
     select_precision,
     select_sync,
     stop_vote_interval,
+    what_runs,
 )
 
 
@@ -144,3 +145,15 @@ def test_stop_votes_come_about_every_50_ms_and_at_least_every_8_steps():
     assert stop_vote_interval(0.02) == STOP_CHECK_EVERY == 8  # slow steps: the floor
     assert stop_vote_interval(0.0) == 10**5  # a zero step time neither divides by zero nor
     # spaces the votes without bound
+
+
+def test_auto_settings_resolve_to_the_loop_and_mode_that_run():
+    assert what_runs(TrainConfig(), "cpu", ()) == ("numba", "local_sgd")  # the defaults
+    assert what_runs(TrainConfig(), "cuda", ()) == ("torch", "sync")
+    assert what_runs(TrainConfig(), "cpu", (32,)) == ("torch", "sync")  # a hidden layer
+    assert what_runs(TrainConfig(mode="sync"), "cpu", ()) == ("torch", "sync")  # 2 workers
+    assert what_runs(TrainConfig(mode="sync", world_size=1), "cpu", ()) == ("numba", "local_sgd")
+    assert what_runs(TrainConfig(kernel="torch", mode="local_sgd"), "cpu", ()) == (
+        "torch",
+        "local_sgd",
+    )
