@@ -288,18 +288,25 @@ def test_the_numba_kernel_learns_as_the_torch_loop_does(shards, tmp_path):
 # --- several processes ----------------------------------------------------------------------
 
 
-def test_all_ranks_stop_at_the_same_step_under_a_budget(shards, tmp_path):
+@pytest.mark.parametrize(
+    ("kernel", "mode", "precision", "ran"),
+    [("torch", "sync", "bf16", ("torch", "exchange")),  # the sync machinery
+     ("auto", "auto", "fp32", ("numba", "average"))],  # the defaults on a CPU
+)  # fmt: skip
+def test_all_ranks_stop_at_the_same_step_under_a_budget(
+    shards, tmp_path, kernel, mode, precision, ran
+):
     cfg, shard_dir = shards
     spec = _spec(cfg, shard_dir, tmp_path, world_size=2, time_budget_s=1.5, epochs=10_000,
-                 batch_size=8, precision="bf16")  # fmt: skip
+                 batch_size=8, precision=precision, kernel=kernel, mode=mode)  # fmt: skip
     result = launch_processes(spec)
-    assert result["stopped_by"] == "budget"
-    assert result["precision"] == "bf16" and result["world_size"] == 2
+    assert result["stopped_by"] == "budget" and (result["kernel"], result["sync"]) == ran
+    assert result["precision"] == precision and result["world_size"] == 2
     assert 1.5 <= result["time_used_s"] < 6
     ranks = _ranks(tmp_path)
     assert len(ranks) == 2
     assert ranks[0]["steps"] == ranks[1]["steps"] == result["steps"] > 0
-    assert ranks[0]["param_checksum"] == ranks[1]["param_checksum"]  # DDP kept replicas equal
+    assert ranks[0]["param_checksum"] == ranks[1]["param_checksum"]  # replicas kept equal
     assert 0 <= result["comm_fraction"] <= 1
     assert (tmp_path / "model.pt").exists()
 
