@@ -429,7 +429,7 @@ def configure(spec: TrainSpec, manifest: dict[str, Any]) -> tuple[TrainSpec, dic
     precisions = (
         ["fp32"] if kernel == "numba" else ["fp32", "bf16", "fp16"] if on_gpu else ["fp32", "bf16"]
     )
-    if t.use_gpu and torch.cuda.is_available():
+    if on_gpu:
         model = model.cuda()
         batch = tuple(x.cuda() for x in batch)
     choices = plan(

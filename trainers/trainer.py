@@ -242,8 +242,8 @@ class Trainer:
         self.kernel, self.kernel_reason = select_kernel(
             self.cfg, self.device.type, self.model_spec.hidden, self.world_size
         )
-        sync = select_sync(self.cfg.mode, self.kernel, self.device.type)
-        self.local_sgd, self.exchange_rows = sync == "average", sync == "exchange"
+        self.sync = select_sync(self.cfg.mode, self.kernel, self.device.type)
+        self.local_sgd, self.exchange_rows = self.sync == "average", self.sync == "exchange"
         self.exchange = RowExchange(self.model, self.world_size) if self.exchange_rows else None
         self.ddp = (
             self.model
@@ -738,7 +738,7 @@ class Trainer:
             else math.nan,
             "kernel_reason": self.kernel_reason,
             "stop_vote_every": self.vote_every,
-            "sync": "average" if self.local_sgd else "exchange" if self.exchange_rows else "ddp",
+            "sync": self.sync,
             "optimizer": self.optimizer_name,
             "precision": self.precision.name,
         }
