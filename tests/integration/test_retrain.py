@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from core.config import TrackingConfig
+from core.config import TrackingConfig, load_config
 from pipelines.cli import main
 from pipelines.report import report_data
-from pipelines.retrain import retrain_lock
+from pipelines.retrain import fingerprint, retrain_lock, something_new
 from tests.conftest import fresh_store, sets, small_data_spark_conf
 
 pytestmark = pytest.mark.integration
@@ -64,15 +64,21 @@ def test_retrain_and_the_generator_oracle_close_the_loop_one_run_at_a_time(
     assert f"another retrain is running (pid {os.getpid()})" in capsys.readouterr().out
     assert report_data(tracking)["run_id"] == data["run_id"]
 
-    # The oracle answers the champion's selection; the labels are new, so retrain runs again.
+    # The oracle answers the champion's selection; the labels are new, so retrain would run again
     oracle = ["run", "--from", "select", "--force", *settings, "--set", "label.oracle=generator"]
     assert main(oracle) == 0
     assert "oracle (generator, sample): imported 300 of 300 label rows" in capsys.readouterr().err
-    # round 2 in this process's child, trained by torch.multiprocessing (round 1 covered the
-    # TorchDistributor launch under cron's environment): seconds sooner
-    assert main([*args, "--set", "train.launcher=processes"]) == 0
+    cfg = load_config("local", settings[1::2])
+    new, _, last = something_new(cfg)
+    assert new and last is not None and last["run_id"] == data["run_id"]
+    assert fingerprint(cfg)["labels"] != last["labels"] and fingerprint(cfg)["raw"] == last["raw"]
+    # Round 2 is the run that retrain starts in its child (round 1 covered that child under
+    # cron's environment), here in this process on its warm Spark session, trained by
+    # torch.multiprocessing: a minute sooner.
+    assert main(["run", *settings, "--set", "train.launcher=processes"]) == 0
     second = report_data(tracking)
     assert second["run_id"] != data["run_id"]
+    assert second["stages"]["ingest"]["skipped"]  # the same raw files: ingest is reused
     assert second["stages"]["dedupe"]["labels_imported"] == 300
     assert second["stages"]["shard"]["rows_in"] > data["stages"]["shard"]["rows_in"]
     assert second["test_error"] < data["test_error"] - 0.01, (
