@@ -1,8 +1,8 @@
 """evaluate: the trained pyfunc model on the test split, from raw query text.
 
-Metrics of DESIGN §7/§8 (``test_error``, ``test_error_weighted``, ``test_logloss``,
-``breadth``, ``acc_head``/``acc_torso``/``acc_tail``, ``baseline_error`` of the majority
-training label, and ``bayes_error`` when the generator's truth covers the test set, with
+Metrics (docs/architecture.md, "MLflow record" and "Definitions": ``test_error``,
+``test_error_weighted``, ``test_logloss``, ``breadth``, ``acc_head``/``acc_torso``/``acc_tail``,
+``baseline_error`` of the majority training label, and ``bayes_error`` when the generator's truth covers the test set, with
 bootstrap 95% intervals ``<error>_ci_low``/``_ci_high``) go to ``metrics.json``; the most
 confused label pairs to ``confusions.json`` (and the tag ``top_confusions``); per-query
 predictions to ``predictions.parquet``.
@@ -21,7 +21,6 @@ if not __package__:  # started as a script by spark-submit: the project, not job
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
-from pyspark.sql import functions as F
 
 from core.errors import DataError
 from core.layout import PYFUNC_DIR, TRAIN_SPEC_FILE, RunContext, StageResult
@@ -43,8 +42,11 @@ def majority_training_label(ctx: RunContext) -> str | None:
     """The most common majority label among distinct training queries: the majority-class
     baseline on the same footing as ``test_error`` (each distinct query once)."""
     train = ctx.spark.read.parquet(str(ctx.require("split") / "train"))
-    row = train.groupBy("majority_label").count().orderBy(F.desc("count"), "majority_label").first()
-    return row["majority_label"] if row else None
+    # one job: the labels are few, so their counts come back and the driver picks the largest
+    # (ties to the first name), instead of a sort that samples the data in a job of its own
+    counts = train.groupBy("majority_label").count().collect()
+    best = min(counts, key=lambda r: (-r["count"], r["majority_label"]), default=None)
+    return best["majority_label"] if best else None
 
 
 def bayes_logloss(test: TestSet, truth: pd.DataFrame) -> float | None:

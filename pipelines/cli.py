@@ -1,4 +1,5 @@
-"""The ``zipfline`` command line (DESIGN §6): parse, load config, call the pipeline.
+"""The ``zipfline`` command line (docs/architecture.md, "Command line"): parse, load config,
+call the pipeline.
 
 Exit codes: 0 success or nothing to do, 1 a failure in the data or a gate, 2 a usage or config
 error. A failure prints one line saying what and where; the traceback only under ``--verbose``.

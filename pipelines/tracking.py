@@ -1,4 +1,5 @@
-"""The one MLflow helper: a parent run per pipeline run, a child run per stage (DESIGN §7).
+"""The one MLflow helper: a parent run per pipeline run, a child run per stage
+(docs/architecture.md, "MLflow record").
 
 Stage counts are logged as metrics (``rows_in``, ``rows_out``, ``rows_quarantined``,
 ``rows_merged``, ``quarantined.<reason>``) so that ``zipfline report`` and the MLflow UI read

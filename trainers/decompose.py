@@ -1,4 +1,5 @@
-"""Error decomposition (DESIGN §8, Bottou & Bousquet): why a run's test error is what it is.
+"""Error decomposition (Bottou & Bousquet; docs/architecture.md, "Definitions"): why a run's
+test error is what it is.
 
     R(run) − R(f*) = err_approx + err_estim + err_optim
     err_approx = R(f_F*) − R(f*)     the model family's limit over the Bayes risk

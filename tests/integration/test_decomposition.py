@@ -1,5 +1,6 @@
-"""The error decomposition measures what it claims (DESIGN §8), on generated data, averaged
-over training seeds, with real reference runs on a real Dask LocalCluster:
+"""The error decomposition measures what it claims (docs/architecture.md, "Definitions"), on
+generated data, averaged over training seeds, with real reference runs on a real Dask
+LocalCluster:
 
 - ``err_estim`` shrinks when the training rows grow 4×;
 - ``err_approx`` shrinks when the capacity grows;
