@@ -119,8 +119,9 @@ def test_split_keeps_clusters_apart_and_honours_an_external_test_set(spark, tmp_
         {"query": queries * 2 + ["unlabeled thing"], "label": ["a", "b"] * 400 + [""]}
     )
     frame.to_csv(raw / "log.csv", index=False)
-    ctx = RunContext(config_for(tmp_path, f"data.raw_path={raw}", "split.test_fraction=0.2"),
-                     "2026-11-01", spark=spark)  # fmt: skip
+    no_gates = "dq.enabled=false"  # the gates are test_gates' business
+    ctx = RunContext(config_for(tmp_path, f"data.raw_path={raw}", "split.test_fraction=0.2",
+                                no_gates), "2026-11-01", spark=spark)  # fmt: skip
     for stage in ("ingest", "dedupe", "split"):
         run_stage(ctx, stage)
     parts = {n: pd.read_parquet(ctx.stage_dir("split") / n) for n in split.SPLITS}
@@ -138,8 +139,8 @@ def test_split_keeps_clusters_apart_and_honours_an_external_test_set(spark, tmp_
                  ).to_csv(external / "test.csv", index=False)  # fmt: skip
     # the same log split again, now against the external test set: ingest and dedupe read
     # neither the test set nor the split settings, so their output above is the input
-    ctx = RunContext(config_for(tmp_path, f"data.raw_path={raw}", f"data.test_path={external}"),
-                     "2026-11-01", spark=spark)  # fmt: skip
+    ctx = RunContext(config_for(tmp_path, f"data.raw_path={raw}", f"data.test_path={external}",
+                                no_gates), "2026-11-01", spark=spark)  # fmt: skip
     result = run_stage(ctx, "split")
     result.check_reconciles("split")
     assert result.quarantined_by_reason == {
