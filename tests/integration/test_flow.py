@@ -22,6 +22,7 @@ from pipelines.stages import NAMES as STAGES
 from querylog.neardup import pair_scores
 from tests.conftest import SHARED_SMALL, sets
 from trainers.data import read_split
+from trainers.launch import free_port
 from trainers.serving import Predictor
 
 pytestmark = pytest.mark.integration
@@ -248,14 +249,6 @@ def test_user_csv_folder_flow(spark, in_tmp, empty_store, capsys):
     assert data["test_error"] < 0.2
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _check_the_mlflow_ui(data: dict, store: str) -> None:
     """Start the MLflow UI on 127.0.0.1 as `make ui` does (without MLflow's job runner and its
     seven queue consumers, which serve jobs this check does not use) and read the run through
@@ -267,7 +260,7 @@ def _check_the_mlflow_ui(data: dict, store: str) -> None:
     import urllib.request
     from pathlib import Path
 
-    port = _free_port()
+    port = free_port()
     mlflow_bin = Path(sys.executable).parent / "mlflow"
     server = subprocess.Popen(
         [str(mlflow_bin), "ui", "--backend-store-uri", store, "--host",
