@@ -156,12 +156,48 @@ def _normalized(df: DataFrame) -> DataFrame:
     return df
 
 
+_SCAN_BYTES = 1 << 23  # 8 MiB at a time
+
+
+def spans_lines(f: InputFile) -> bool:
+    """Whether a CSV file may hold a record over several lines (a line break inside a quoted
+    field), so that Spark must read it whole (``multiLine``, one task per file) instead of
+    splitting it across tasks at line breaks.
+
+    A local uncompressed file is scanned once (vectorized, about a second per GB): a line
+    break is inside a quoted field exactly when an odd number of quote characters precede it
+    (an escaped quote, ``""``, counts twice). A file with unbalanced quotes reads as
+    multi-line, so its malformed rows are cut where a whole-file parse cuts them. Remote and
+    compressed files, which cannot be split anyway or scanned cheaply, read as multi-line.
+    """
+    local = f.local_path
+    if local is None or local.name.lower().endswith(_COMPRESSED):
+        return True
+    # start-up speed: numpy only when a CSV file is read
+    import numpy as np
+
+    inside = np.uint8(0)  # the parity of the quotes before this chunk
+    with open(local, "rb") as fh:
+        while chunk := fh.read(_SCAN_BYTES):
+            if b'"' not in chunk:
+                if inside and (b"\n" in chunk or b"\r" in chunk):
+                    return True
+                continue
+            data = np.frombuffer(chunk, dtype=np.uint8)
+            parity = np.bitwise_xor.accumulate((data == ord('"')).view(np.uint8)) ^ inside
+            if parity[(data == ord("\n")) | (data == ord("\r"))].any():
+                return True
+            inside = parity[-1]
+    return False
+
+
 def _read_csv(spark: SparkSession, files: list[InputFile]) -> list[DataFrame]:
-    groups: dict[tuple[str, ...], list[str]] = defaultdict(list)
+    groups: dict[tuple[tuple[str, ...], bool], list[str]] = defaultdict(list)
     for f in files:
-        groups[tuple(_check_columns(f, _csv_header(spark, f)))].append(f.uri)
+        names = tuple(_check_columns(f, _csv_header(spark, f)))
+        groups[names, spans_lines(f)].append(f.uri)
     frames = []
-    for names, uris in groups.items():
+    for (names, multiline), uris in groups.items():
         schema = T.StructType(
             [T.StructField(n, T.StringType()) for n in names]
             + [T.StructField(CORRUPT, T.StringType())]
@@ -170,7 +206,7 @@ def _read_csv(spark: SparkSession, files: list[InputFile]) -> list[DataFrame]:
         reader = (
             spark.read.schema(schema)
             .option("header", True)
-            .option("multiLine", True)
+            .option("multiLine", multiline)  # else Spark splits large files across tasks
             .option("escape", '"')
             .option("sep", sep)
             .option("mode", "PERMISSIVE")

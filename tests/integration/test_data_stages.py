@@ -12,6 +12,7 @@ from core.errors import ConfigError, DataError
 from core.layout import RunContext
 from jobs import augment, split
 from pipelines.stages import run_stage
+from querylog.readers import read_raw
 from tests.conftest import config_for
 
 pytestmark = pytest.mark.integration
@@ -83,6 +84,31 @@ def test_ingest_quarantines_each_reason_and_reconciles(spark, tmp_path):
     assert flights["majority_label"] == "travel"
     assert deduped.rows_merged == 2 and deduped.metrics["clusters"] == deduped.rows_out
     deduped.check_reconciles("dedupe")
+
+
+def test_a_large_csv_without_quoted_line_breaks_is_read_by_several_tasks(spark, tmp_path):
+    """One file, no record over two lines: Spark splits it at line breaks (many tasks), and
+    the rows are those of the file; a quoted line break makes it one task again."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    frame = pd.DataFrame({"query": [f'query "{i}", quoted' for i in range(3000)],
+                          "label": ["a", "b", "c"] * 1000})  # fmt: skip
+    frame.to_csv(raw / "one.csv", index=False)  # quotes and commas, but no quoted line break
+    spark.conf.set("spark.sql.files.maxPartitionBytes", "16384")  # ~90 KB: several splits
+    try:
+        split = read_raw(spark, str(raw), "auto", "data.raw_path")
+        assert split.rdd.getNumPartitions() > 1
+        rows = split.select("query", "label", "_corrupt_record").toPandas()
+        assert rows["_corrupt_record"].isna().all()
+        got = sorted(zip(rows["query"], rows["label"], strict=True))
+        assert got == sorted(zip(frame["query"], frame["label"], strict=True))
+        with (raw / "one.csv").open("a") as fh:
+            fh.write('"a query\nover two lines",a\n')
+        whole = read_raw(spark, str(raw), "auto", "data.raw_path")
+        assert whole.rdd.getNumPartitions() == 1
+        assert "a query\nover two lines" in set(whole.toPandas()["query"])
+    finally:
+        spark.conf.unset("spark.sql.files.maxPartitionBytes")
 
 
 def test_missing_query_column_names_the_file(spark, tmp_path):
