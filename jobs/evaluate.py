@@ -42,8 +42,8 @@ def majority_training_label(ctx: RunContext) -> str | None:
     """The most common majority label among distinct training queries: the majority-class
     baseline on the same footing as ``test_error`` (each distinct query once)."""
     train = ctx.spark.read.parquet(str(ctx.require("split") / "train"))
-    # one job: the labels are few, so their counts come back and the driver picks the largest
-    # (ties to the first name), instead of a sort that samples the data in a job of its own
+    # the labels are few: their counts come back and the driver picks the largest (ties to the
+    # first name)
     counts = train.groupBy("majority_label").count().collect()
     best = min(counts, key=lambda r: (-r["count"], r["majority_label"]), default=None)
     return best["majority_label"] if best else None

@@ -14,6 +14,7 @@ import csv
 import gzip
 import io
 import logging
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import reduce
@@ -112,8 +113,7 @@ def _csv_header(spark: SparkSession, f: InputFile) -> list[str]:
     opener = gzip.open if local.name.lower().endswith(".gz") else open
     with opener(local, "rb") as raw:
         text = io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
-        delimiter = "\t" if local.name.lower().removesuffix(".gz").endswith(".tsv") else ","
-        return next(csv.reader(text, delimiter=delimiter), [])
+        return next(csv.reader(text, delimiter=_separator(local.name)), [])
 
 
 def _parquet_schema(spark: SparkSession, f: InputFile) -> tuple[tuple[str, str], ...]:
@@ -157,18 +157,26 @@ def _normalized(df: DataFrame) -> DataFrame:
 
 
 _SCAN_BYTES = 1 << 23  # 8 MiB at a time
+_BLANK_LINE = re.compile(rb"[\r\n][ \t]+[\r\n]")  # a line of spaces and tabs only
+_LINE_STARTS_BLANK = (b"\n ", b"\n\t", b"\r ", b"\r\t")  # found by memchr before the regex
+
+
+def _separator(name: str) -> str:
+    return "\t" if name.lower().removesuffix(".gz").endswith(".tsv") else ","
 
 
 def spans_lines(f: InputFile) -> bool:
-    """Whether a CSV file may hold a record over several lines (a line break inside a quoted
-    field), so that Spark must read it whole (``multiLine``, one task per file) instead of
-    splitting it across tasks at line breaks.
+    """Whether a CSV file must be read whole (``multiLine``, one task per file) rather than
+    split across tasks at line breaks: whether a record may span lines, or a line parse could
+    cut the file otherwise than a whole-file parse.
 
-    A local uncompressed file is scanned once (vectorized, about a second per GB): a line
-    break is inside a quoted field exactly when an odd number of quote characters precede it
-    (an escaped quote, ``""``, counts twice). A file with unbalanced quotes reads as
-    multi-line, so its malformed rows are cut where a whole-file parse cuts them. Remote and
-    compressed files, which cannot be split anyway or scanned cheaply, read as multi-line.
+    A local uncompressed file is scanned once, vectorized (about 12 s per GB on one core). A
+    line break is inside a quoted field when an odd number of quote characters precede it (an
+    escaped quote, ``""``, counts twice). The scan also answers "whole" where the two parses could differ on
+    a malformed file: a quote that opens a field anywhere but at its start (a stray quote makes
+    the parity lie), unbalanced quotes at the end, and a line of only spaces or tabs (a line
+    parse drops it, a whole-file parse reads it as a row). Remote and compressed files, which
+    cannot be split anyway or scanned cheaply, are read whole.
     """
     local = f.local_path
     if local is None or local.name.lower().endswith(_COMPRESSED):
@@ -176,33 +184,50 @@ def spans_lines(f: InputFile) -> bool:
     # start-up speed: numpy only when a CSV file is read
     import numpy as np
 
+    starts = np.frombuffer(b'\n\r"' + _separator(local.name).encode(), dtype=np.uint8)
     inside = np.uint8(0)  # the parity of the quotes before this chunk
+    before = b"\n"  # the byte before this chunk (a file starts as after a line break)
+    partial = b""  # the unfinished last line of the chunk before, for the blank-line check
     with open(local, "rb") as fh:
         while chunk := fh.read(_SCAN_BYTES):
+            cut = max(chunk.rfind(b"\n"), chunk.rfind(b"\r")) + 1
+            lines = b"\n" + partial + chunk[:cut]
+            if any(s in lines for s in _LINE_STARTS_BLANK) and _BLANK_LINE.search(lines):
+                return True
+            partial = (partial + chunk) if cut == 0 else chunk[cut:]
+            if partial.strip(b" \t"):
+                partial = b"x"  # not blank: all the check needs to keep of it
             if b'"' not in chunk:
                 if inside and (b"\n" in chunk or b"\r" in chunk):
                     return True
+                before = chunk[-1:]
                 continue
             data = np.frombuffer(chunk, dtype=np.uint8)
-            parity = np.bitwise_xor.accumulate((data == ord('"')).view(np.uint8)) ^ inside
-            if parity[(data == ord("\n")) | (data == ord("\r"))].any():
+            quote = data == ord('"')
+            parity = np.bitwise_xor.accumulate(quote.view(np.uint8)) ^ inside
+            if (parity.view(bool) & ((data == ord("\n")) | (data == ord("\r")))).any():
                 return True
-            inside = parity[-1]
-    return False
+            opening = np.flatnonzero(quote & (parity == 1))
+            previous = data[opening - 1]  # at 0: data[-1], replaced by the chunk before's
+            if len(opening) and opening[0] == 0:
+                previous[0] = before[0]
+            if not np.isin(previous, starts).all():
+                return True
+            inside, before = parity[-1], chunk[-1:]
+    return bool(inside) or partial.strip(b" \t") == b"" != partial
 
 
 def _read_csv(spark: SparkSession, files: list[InputFile]) -> list[DataFrame]:
-    groups: dict[tuple[tuple[str, ...], bool], list[str]] = defaultdict(list)
+    groups: dict[tuple[tuple[str, ...], str, bool], list[str]] = defaultdict(list)
     for f in files:
         names = tuple(_check_columns(f, _csv_header(spark, f)))
-        groups[names, spans_lines(f)].append(f.uri)
+        groups[names, _separator(f.uri), spans_lines(f)].append(f.uri)
     frames = []
-    for (names, multiline), uris in groups.items():
+    for (names, sep, multiline), uris in groups.items():
         schema = T.StructType(
             [T.StructField(n, T.StringType()) for n in names]
             + [T.StructField(CORRUPT, T.StringType())]
         )
-        sep = "\t" if uris[0].lower().removesuffix(".gz").endswith(".tsv") else ","
         reader = (
             spark.read.schema(schema)
             .option("header", True)

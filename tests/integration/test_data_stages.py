@@ -12,7 +12,8 @@ from core.errors import ConfigError, DataError
 from core.layout import RunContext
 from jobs import augment, split
 from pipelines.stages import run_stage
-from querylog.readers import read_raw
+from querylog import readers
+from querylog.readers import CORRUPT, read_raw
 from tests.conftest import config_for
 
 pytestmark = pytest.mark.integration
@@ -86,27 +87,40 @@ def test_ingest_quarantines_each_reason_and_reconciles(spark, tmp_path):
     deduped.check_reconciles("dedupe")
 
 
-def test_a_large_csv_without_quoted_line_breaks_is_read_by_several_tasks(spark, tmp_path):
-    """One file, no record over two lines: Spark splits it at line breaks (many tasks), and
-    the rows are those of the file; a quoted line break makes it one task again."""
+def test_a_large_csv_without_quoted_line_breaks_is_read_by_several_tasks(
+    spark, tmp_path, monkeypatch
+):
+    """One file, no record over two lines: Spark splits it at line breaks (many tasks) and
+    reads the same rows, malformed ones included, as a whole-file read; a quoted line break
+    makes it one task again."""
     raw = tmp_path / "raw"
     raw.mkdir()
     frame = pd.DataFrame({"query": [f'query "{i}", quoted' for i in range(3000)],
                           "label": ["a", "b", "c"] * 1000})  # fmt: skip
     frame.to_csv(raw / "one.csv", index=False)  # quotes and commas, but no quoted line break
+    with (raw / "one.csv").open("a") as fh:
+        fh.write("too,many,fields\n,empty query\n")
+
+    def read(whole: bool) -> tuple[int, list]:
+        with monkeypatch.context() as patch:
+            if whole:
+                patch.setattr(readers, "spans_lines", lambda f: True)
+            df = read_raw(spark, str(raw), "auto", "data.raw_path")
+            rows = df.select("query", "label", CORRUPT).toPandas().fillna("")
+            return df.rdd.getNumPartitions(), sorted(map(tuple, rows.to_numpy().tolist()))
+
     spark.conf.set("spark.sql.files.maxPartitionBytes", "16384")  # ~90 KB: several splits
     try:
-        split = read_raw(spark, str(raw), "auto", "data.raw_path")
-        assert split.rdd.getNumPartitions() > 1
-        rows = split.select("query", "label", "_corrupt_record").toPandas()
-        assert rows["_corrupt_record"].isna().all()
-        got = sorted(zip(rows["query"], rows["label"], strict=True))
-        assert got == sorted(zip(frame["query"], frame["label"], strict=True))
+        tasks, lines = read(whole=False)
+        assert tasks > 1
+        assert read(whole=True) == (1, lines)
+        assert sum(1 for row in lines if row[2]) == 1  # the malformed row, in both reads
+        assert {(q, lab) for q, lab, _ in lines} >= set(zip(frame["query"], frame["label"],
+                                                            strict=True))  # fmt: skip
         with (raw / "one.csv").open("a") as fh:
             fh.write('"a query\nover two lines",a\n')
-        whole = read_raw(spark, str(raw), "auto", "data.raw_path")
-        assert whole.rdd.getNumPartitions() == 1
-        assert "a query\nover two lines" in set(whole.toPandas()["query"])
+        tasks, lines = read(whole=False)
+        assert tasks == 1 and ("a query\nover two lines", "a", "") in lines
     finally:
         spark.conf.unset("spark.sql.files.maxPartitionBytes")
 

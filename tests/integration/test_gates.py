@@ -163,7 +163,8 @@ def test_a_shard_changed_after_its_manifest_fails_the_shard_gate(spark, finished
     ctx = RunContext(load_config("local", run.sets()[1::2]), run.run_date, spark=spark)
     shard_dir, result = ctx.stage_dir("shard"), ctx.read_result("shard")
     assert result.metrics["dq_shard_success"] == 1
-    # round-robin shards: within a row per input partition of each other
+    # round-robin shards from at most spark.shuffle_partitions (4) input partitions: within a
+    # row per partition of each other
     assert result.metrics["shard_rows_max"] - result.metrics["shard_rows_min"] <= 4
     run_gate(ctx.cfg, "shard", shard_dir, spark, result)  # the copy as it was passes
     victim = shard_dir / "train-00001.parquet"
