@@ -2,10 +2,10 @@
 
 Metrics (docs/architecture.md, "MLflow record" and "Definitions": ``test_error``,
 ``test_error_weighted``, ``test_logloss``, ``breadth``, ``acc_head``/``acc_torso``/``acc_tail``,
-``baseline_error`` of the majority training label, and ``bayes_error`` when the generator's truth covers the test set, with
-bootstrap 95% intervals ``<error>_ci_low``/``_ci_high``) go to ``metrics.json``; the most
-confused label pairs to ``confusions.json`` (and the tag ``top_confusions``); per-query
-predictions to ``predictions.parquet``.
+``baseline_error`` of the majority training label, and ``bayes_error`` when the generator's truth
+covers the test set, with bootstrap 95% intervals ``<error>_ci_low``/``_ci_high``) go to
+``metrics.json``; the most confused label pairs to ``confusions.json`` (and the tag
+``top_confusions``); per-query predictions to ``predictions.parquet``.
 """
 
 from __future__ import annotations

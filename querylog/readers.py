@@ -170,13 +170,13 @@ def spans_lines(f: InputFile) -> bool:
     split across tasks at line breaks: whether a record may span lines, or a line parse could
     cut the file otherwise than a whole-file parse.
 
-    A local uncompressed file is scanned once, vectorized (about 12 s per GB on one core). A
-    line break is inside a quoted field when an odd number of quote characters precede it (an
-    escaped quote, ``""``, counts twice). The scan also answers "whole" where the two parses could differ on
-    a malformed file: a quote that opens a field anywhere but at its start (a stray quote makes
-    the parity lie), unbalanced quotes at the end, and a line of only spaces or tabs (a line
-    parse drops it, a whole-file parse reads it as a row). Remote and compressed files, which
-    cannot be split anyway or scanned cheaply, are read whole.
+    A local uncompressed file is scanned once, vectorized (about 12 s per GB on one core). A line
+    break is inside a quoted field when an odd number of quote characters precede it (an escaped
+    quote, ``""``, counts twice). The scan also answers "whole" where the two parses could differ
+    on a malformed file: a quote that opens a field anywhere but at its start (a stray quote makes
+    the parity lie), unbalanced quotes at the end, and a line of only spaces or tabs (a line parse
+    drops it, a whole-file parse reads it as a row). Remote and compressed files, which cannot be
+    split anyway or scanned cheaply, are read whole.
     """
     local = f.local_path
     if local is None or local.name.lower().endswith(_COMPRESSED):

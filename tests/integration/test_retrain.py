@@ -13,7 +13,7 @@ import pytest
 from core.config import TrackingConfig, load_config
 from pipelines.cli import main
 from pipelines.report import report_data
-from pipelines.retrain import fingerprint, retrain_lock, something_new
+from pipelines.retrain import retrain_lock, something_new
 from tests.conftest import fresh_store, sets, small_data_spark_conf
 
 pytestmark = pytest.mark.integration
@@ -69,9 +69,9 @@ def test_retrain_and_the_generator_oracle_close_the_loop_one_run_at_a_time(
     assert main(oracle) == 0
     assert "oracle (generator, sample): imported 300 of 300 label rows" in capsys.readouterr().err
     cfg = load_config("local", settings[1::2])
-    new, _, last = something_new(cfg)
+    new, now, last = something_new(cfg)
     assert new and last is not None and last["run_id"] == data["run_id"]
-    assert fingerprint(cfg)["labels"] != last["labels"] and fingerprint(cfg)["raw"] == last["raw"]
+    assert now["labels"] != last["labels"] and now["raw"] == last["raw"]
     # Round 2 is the run that retrain starts in its child (round 1 covered that child under
     # cron's environment), here in this process on its warm Spark session, trained by
     # torch.multiprocessing: a minute sooner.
