@@ -363,6 +363,10 @@ class EvalConfig:
     """A Dask scheduler address for the reference runs; empty: a LocalCluster on 127.0.0.1."""
     dask_workers: int = 2
     """Workers of that LocalCluster (one training process each)."""
+    local_cluster_min_rows: int = 20_000
+    """With no ``dask_scheduler``, training splits below this many rows have their reference
+    runs one after another in the evaluate stage's own process: starting a LocalCluster's
+    workers (each imports torch) then costs more than the runs. 0: always the LocalCluster."""
 
     def __post_init__(self) -> None:
         _check_fraction("eval.breadth_recall", self.breadth_recall, upper_open=False)

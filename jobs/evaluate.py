@@ -87,19 +87,24 @@ def error_decomposition(
     )  # fmt: skip
     key = cache_key(manifest, spec, {"fractions": FRACTIONS, "test": _test_fingerprint(test_df)})
     cache = Path(ctx.cfg.data.root).expanduser().resolve() / "_reference_cache" / f"{key}.json"
+    n_train = int(manifest["splits"]["train"]["rows"])
     if cache.exists():
         references = json.loads(cache.read_text())
         print(f"[evaluate] reference runs from cache {cache.name}", file=sys.stderr, flush=True)
     else:
-        print(f"[evaluate] {len(FRACTIONS)} reference runs on Dask "
-              f"({cfg.dask_scheduler or f'LocalCluster, {cfg.dask_workers} workers'}) …",
-              file=sys.stderr, flush=True)  # fmt: skip
-        references = run_references(
-            spec, test_df, scheduler=cfg.dask_scheduler or None, workers=cfg.dask_workers
+        in_process = not cfg.dask_scheduler and n_train < cfg.local_cluster_min_rows
+        where = (
+            f"in this process ({n_train:,} training rows, under eval.local_cluster_min_rows)"
+            if in_process
+            else f"on Dask ({cfg.dask_scheduler or f'LocalCluster, {cfg.dask_workers} workers'})"
         )
+        print(f"[evaluate] {len(FRACTIONS)} reference runs {where} …", file=sys.stderr, flush=True)
+        references = run_references(
+            spec, test_df, scheduler=cfg.dask_scheduler or None, workers=cfg.dask_workers,
+            in_process=in_process,
+        )  # fmt: skip
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(references, indent=2))
-    n_train = int(manifest["splits"]["train"]["rows"])
     return (*decomposition(metrics, references, n_train), references)
 
 

@@ -10,8 +10,9 @@ R(f*) is the Bayes risk from the generator's truth (else the best reference run,
 ``bayes_known=false``); R(f_n) is the same model and data trained to convergence without a time
 budget; R(f_F*) is the asymptote ``a`` of ``R(m) ≈ a + b·m^(−c)`` fitted on reference runs with
 sub-samples n/8, n/4, n/2 and n. The terms add up exactly by construction. Reference runs are
-single-process trainings run in parallel on Dask (a ``LocalCluster`` on 127.0.0.1 by default)
-and cached by the data's manifest hash and the model and training settings.
+single-process trainings run in parallel on Dask (a ``LocalCluster`` on 127.0.0.1 by default;
+on a small training split, one after another in the calling process instead) and cached by the
+data's manifest hash and the model and training settings.
 """
 
 from __future__ import annotations
@@ -132,6 +133,21 @@ def _without_model_code_paths() -> Iterator[None]:
         sys.path[:] = saved
 
 
+@contextmanager
+def _as_a_worker() -> Iterator[None]:
+    """A reference run in this process: what it sets for its one-process group (the rendezvous
+    variables, torch's thread count) is put back afterwards."""
+    import torch  # torch: only when reference runs are due
+
+    saved_env, threads = dict(os.environ), torch.get_num_threads()
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        torch.set_num_threads(threads)
+
+
 def run_references(
     spec: TrainSpec | None,
     test_frame: Any,
@@ -139,10 +155,18 @@ def run_references(
     scheduler: str | None,
     workers: int,
     jobs: list[tuple[TrainSpec, float]] | None = None,
+    in_process: bool = False,
 ) -> list[dict[str, float]]:
-    """Single-process trainings in parallel on Dask, scored on ``test_frame``, in order: the
-    reference runs of ``spec`` for every fraction, or the given ``(spec, fraction)`` jobs."""
+    """Single-process trainings in parallel on Dask (or, ``in_process``, one after another
+    here), scored on ``test_frame``, in order: the reference runs of ``spec`` for every
+    fraction, or the given ``(spec, fraction)`` jobs."""
     jobs = jobs if jobs is not None else [(spec, f) for f in FRACTIONS]
+    if in_process:
+        results = []
+        for job_spec, fraction in jobs:
+            with _as_a_worker():
+                results.append(reference_run(job_spec, fraction, test_frame))
+        return results
     from dask.distributed import Client, LocalCluster  # Dask: only when reference runs are due
 
     for name in ("distributed", "dask"):

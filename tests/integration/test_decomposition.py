@@ -4,14 +4,20 @@ LocalCluster:
 
 - ``err_estim`` shrinks when the training rows grow 4×;
 - ``err_approx`` shrinks when the capacity grows;
-- ``err_optim`` shrinks when the time budget grows.
+- ``err_optim`` shrinks when the time budget grows;
+
+and a reference run in the calling process (a small training split's) gives what the Dask
+worker gave.
 """
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from core.layout import RunContext
 from pipelines.stages import run_stage
@@ -91,3 +97,13 @@ def test_decomposition_terms_move_the_way_they_should(spark, tmp_path):
     assert np.mean(estim_full) < np.mean(estim_quarter), (estim_full, estim_quarter)
     assert np.mean(approx_big) < np.mean(approx_tiny), (approx_big, approx_tiny)
     assert np.mean(optim_long) < np.mean(optim_short), (optim_long, optim_short)
+
+    # a small training split's reference runs go in the calling process (no cluster to start):
+    # the same numbers as on the Dask worker, and the process keeps its environment and threads
+    threads, env = torch.get_num_threads(), dict(os.environ)
+    job = jobs[keys.index(("n", 0, 0.125))]
+    [here] = run_references(None, test, scheduler=None, workers=2, jobs=[job], in_process=True)
+    there = results[("n", 0, 0.125)]
+    assert here["test_error"] == pytest.approx(there["test_error"], abs=1e-9)
+    assert here["test_logloss"] == pytest.approx(there["test_logloss"], rel=1e-5)
+    assert torch.get_num_threads() == threads and dict(os.environ) == env
