@@ -26,8 +26,18 @@ def _normalize(queries: pd.Series) -> pd.Series:
 
 
 def normalize_queries(df: DataFrame) -> DataFrame:
-    """Add the normalized query (NFKC, controls, case folding, whitespace) as ``_query_norm``."""
-    return df.withColumn(NORM, _normalize(F.col("query")))
+    """Add the normalized query (NFKC, controls, case folding, whitespace) as ``_query_norm``.
+
+    A query of ASCII characters only (as many bytes as characters) is normalized by Spark's own
+    functions, in the JVM: there NFKC changes nothing, case folding is lowercasing, and the
+    control characters and whitespace are the bytes up to 0x20 and 0x7f, each run of which
+    becomes one space. Only the other queries go through :func:`normalize_query` in Python; the
+    ASCII ones reach it as nulls, which it passes over."""
+    query = F.col("query")
+    ascii_only = F.length(query) == F.octet_length(query)
+    in_jvm = F.trim(F.regexp_replace(F.lower(query), r"[\x00-\x20\x7f]+", " "))
+    in_python = _normalize(F.when(~ascii_only, query))
+    return df.withColumn(NORM, F.when(ascii_only, in_jvm).otherwise(in_python))
 
 
 def _blank_to_null(col: Column) -> Column:

@@ -270,3 +270,21 @@ def test_ingest_counts_reconcile_on_random_mess(spark, tmp_path, seed):
     expected_bad = sum(r["query"].strip() == "" or len(r["query"]) > 50 or r["ts"] == "not a time"
                        or r["label"] == "zzz" for r in records)  # fmt: skip
     assert result.rows_quarantined == expected_bad
+
+
+def test_ingest_normalizes_every_query_as_the_featurizer_does(spark):
+    """ASCII queries are normalized by Spark's functions, the others in Python: both give what
+    the featurizer's ``normalize_query`` gives (the model sees the text ingest kept)."""
+    from querylog.clean import NORM, normalize_queries
+    from trainers.featurizer import normalize_query
+
+    rng = np.random.default_rng(3)
+    ascii_chars = [chr(c) for c in range(128)]
+    texts = [None, "", " ", "\x00", "\x7f", "Cheap\tFLIGHTS \r\n", "\x1fa\x1cb\x0bc\x0cd"]
+    texts += [f"x{c}Y{c}{c}z" for c in ascii_chars]
+    texts += ["".join(rng.choice(ascii_chars, size=int(rng.integers(0, 12)))) for _ in range(300)]
+    texts += ["Ｃａｆé", "ǅungla", "Straße", "İstanbul", "\u00a0a\u2003b\u3000", "zero\u200bwidth",
+              "ﬁne", "e\u0301", "ÀB\x85c", "x\u2028y", "\ufeffbom", "ΣΊΣΥΦΟΣ"]  # fmt: skip
+    frame = spark.createDataFrame(pd.DataFrame({"query": texts}), "query string")
+    got = [row[NORM] for row in normalize_queries(frame).select(NORM).collect()]
+    assert got == [normalize_query(t) for t in texts]
