@@ -116,7 +116,9 @@ def _log(path):
     pd.DataFrame(rows).to_csv(path, index=False)
 
 
-def test_label_import_round_trip_with_conflicts_quarantine_and_lineage(in_tmp, empty_store, capsys):
+def test_label_import_round_trip_with_conflicts_quarantine_and_lineage(
+    spark, in_tmp, empty_store, capsys
+):
     raw = in_tmp / "log.csv"
     _log(raw)
     cfg = config_for(in_tmp, f"data.raw_path={raw}")
