@@ -8,6 +8,7 @@ error. A failure prints one line saying what and where; the traceback only under
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from core.atomic import atomic_dir
 from core.config import Config, load_config
-from core.errors import ConfigError, ZipflineError
+from core.errors import ConfigError, ZipflineError, one_line
 from core.layout import TRUTH_DIR, RunContext
 from core.spark import get_spark
 from pipelines import flow, retrain
@@ -117,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_id", nargs="?", help="parent run id (default: the latest run)")
     rep.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     rep.set_defaults(handler=cmd_report)
+
+    fail = sub.add_parser(
+        "failures", help="do the runs' failures depend on stage, mode, world size, precision, host?"
+    )
+    _common(fail)
+    fail.add_argument("--json", action="store_true", help="one JSON object instead of tables")
+    fail.set_defaults(handler=cmd_failures)
     return parser
 
 
@@ -328,6 +336,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_failures(args: argparse.Namespace) -> int:
+    # start-up speed: pandas and the analysis, for this command only
+    from pipelines.failures import failure_analysis, format_analysis
+
+    data = failure_analysis(_config(args).tracking)
+    print(json.dumps(data, indent=2) if args.json else format_analysis(data))
+    return 0
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -338,21 +355,6 @@ def _setup_logging(verbose: bool) -> None:
         for noisy in ("py4j", "mlflow", "alembic", "urllib3", "git", "distributed",
                       "great_expectations"):  # fmt: skip
             logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-_ERROR_LINE = re.compile(r"^\s*([A-Za-z_.]*(?:Error|Exception)): (.+)$")
-
-
-def one_line(exc: BaseException) -> str:
-    """The most telling line of an unexpected error: for a Python error raised inside a Spark
-    worker, the worker's own last ``SomeError: message`` line, not the JVM wrapper's."""
-    text = str(exc).strip()
-    found = [m for m in map(_ERROR_LINE.match, text.splitlines()) if m]
-    if found:
-        name, message = found[-1].groups()
-        return f"{name.rsplit('.', 1)[-1]}: {message.strip()[:500]}"
-    first = text.splitlines()[0] if text else ""
-    return f"{type(exc).__name__}: {first[:500]}"
 
 
 def _guarded(fn: Callable[[], int], verbose: bool) -> int:

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import socket
 import subprocess
 import time
 import warnings
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from core.config import TrackingConfig
-from core.errors import ConfigError
+from core.errors import ConfigError, error_class, one_line
 from core.hashing import sha256_of
 from core.layout import StageResult, data_files
 
@@ -43,6 +44,8 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # the UI's "Machine learning" (model training)
 MANIFEST = "manifest.json"  # the shard stage's file list (jobs.shard.MANIFEST)
 MANIFEST_SPLITS = {"training": "train", "validation": "validation", "test": "test"}
+FAILURE_CLASS = "failure.class"  # a failed run's error class (core.errors.error_class)
+FAILURE_STAGE = "failure.stage"  # the stage it failed in
 
 
 def git_sha() -> str:
@@ -218,6 +221,8 @@ class Tracker:
         self.parent_id: str | None = None
         self.datasets: dict[str, tuple[str, str, int]] = {}
         """``context -> (name, digest, rows)`` of the datasets logged so far (the description)."""
+        self.failed_stage: str | None = None
+        """The stage that raised, once one has."""
 
     @contextmanager
     def parent(
@@ -227,6 +232,7 @@ class Tracker:
             "run_date": run_date,
             "trigger": trigger,
             "git_sha": git_sha(),
+            "host": socket.gethostname(),
             PARENT_TAG: kind,
         }
         # system metrics (CPU, memory, disk, network; GPU where there is one) on the parent
@@ -234,15 +240,35 @@ class Tracker:
             run_name=f"zipfline {run_date}", tags=tags, log_system_metrics=True
         ) as run:
             self.parent_id = run.info.run_id
-            self.datasets = {}
+            self.datasets, self.failed_stage = {}, None
             self.mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
-            yield run.info.run_id
+            try:
+                yield run.info.run_id
+            except BaseException as exc:  # the run ends FAILED (or KILLED); say why, then go on
+                self._record_failure(exc)
+                raise
 
     @contextmanager
     def stage(self, name: str) -> Iterator[str]:
         tags = {"stage": name, PARENT_TAG: "stage"}
         with self.mlflow.start_run(run_name=name, nested=True, tags=tags) as run:
-            yield run.info.run_id
+            try:
+                yield run.info.run_id
+            except BaseException:
+                self.failed_stage = self.failed_stage or name
+                raise
+
+    def _record_failure(self, exc: BaseException) -> None:
+        """``failure.class``, ``failure.message`` and ``failure.stage`` on the parent run, for
+        ``zipfline failures``; a store that cannot take them leaves the error as it was."""
+        tags = {FAILURE_CLASS: error_class(exc), "failure.message": one_line(exc)[:5000]}
+        if isinstance(exc, KeyboardInterrupt):
+            tags[FAILURE_CLASS] = "KeyboardInterrupt"
+        tags[FAILURE_STAGE] = self.failed_stage or "(between stages)"
+        try:
+            self.set_parent_tags(tags)
+        except Exception as problem:  # the run's own error is the one to report
+            log.warning("MLflow: the failure's tags were not recorded (%s)", problem)
 
     def log_stage(
         self,

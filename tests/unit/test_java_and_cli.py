@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
-from core.errors import EnvironmentProblem
+from core.errors import EnvironmentProblem, one_line
 from core.spark import check_java, parse_java_major
-from pipelines.cli import main, one_line
+from pipelines.cli import main
 
 
 @pytest.mark.parametrize(
