@@ -370,6 +370,11 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _check_fraction("eval.breadth_recall", self.breadth_recall, upper_open=False)
+        if self.local_cluster_min_rows < 0:
+            raise ConfigError(
+                f"eval.local_cluster_min_rows: {self.local_cluster_min_rows} is negative (0: "
+                "always the LocalCluster)"
+            )
 
 
 Gate = Literal["ingest", "dedupe", "split", "shard"]

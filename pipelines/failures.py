@@ -6,7 +6,9 @@ under: the stage it failed in, the training mode, the number of training process
 precision, and the host. For each factor, a contingency table of outcome against the factor's
 values and Pearson's χ² test of independence (Yates' correction on a 2×2 table) say whether
 the outcome depends on it. The ``stage`` factor is tested over the failed runs alone (a run
-that finished has no failing stage), the others over every finished or failed run.
+that finished has no failing stage), the others over every run that ended. An interrupted run
+(killed, or stopped by Ctrl-C) counts as ``killed``. Runs recorded before zipfline tagged
+failures (no ``host`` tag) are left out and counted apart: their failures have no class.
 
 χ² is an approximation that needs about five expected runs per cell; a table with fewer says
 so next to its p-value.
@@ -77,15 +79,16 @@ class FactorTest:
         }
 
 
-def outcomes(cfg: TrackingConfig) -> pd.DataFrame:
+def outcomes(cfg: TrackingConfig) -> tuple[pd.DataFrame, int]:
     """One row per pipeline run of the experiment that ended: ``run_id``, ``outcome`` and a
-    column per factor (``n/a`` where the run did not record it)."""
+    column per factor (``n/a`` where the run did not record it); and how many ended runs were
+    left out as recorded before failures were tagged."""
     # start-up speed: mlflow's client, when the command is run
     from mlflow.tracking import MlflowClient
 
     experiment = connect(cfg)
     client = MlflowClient(cfg.uri)
-    rows, token = [], None
+    rows, token, unrecorded = [], None, 0
     while True:
         page = client.search_runs(
             [experiment.experiment_id], f"tags.`{PARENT_TAG}` = 'pipeline'",
@@ -95,9 +98,14 @@ def outcomes(cfg: TrackingConfig) -> pd.DataFrame:
             status = run.info.status
             if status not in OUTCOMES:
                 continue
+            if "host" not in run.data.tags:
+                unrecorded += 1
+                continue
             outcome = OUTCOMES[status] or (
                 OK if status == "FINISHED" else run.data.tags.get(FAILURE_CLASS, "unknown")
             )
+            if outcome == "KeyboardInterrupt":
+                outcome = "killed"
             fields = {"tags": run.data.tags, "params": run.data.params}
             row = {"run_id": run.info.run_id, "outcome": outcome}
             for factor, where in FACTORS.items():
@@ -107,7 +115,7 @@ def outcomes(cfg: TrackingConfig) -> pd.DataFrame:
         token = page.token
         if not token:
             break
-    return pd.DataFrame(rows, columns=["run_id", "outcome", *FACTORS])
+    return pd.DataFrame(rows, columns=["run_id", "outcome", *FACTORS]), unrecorded
 
 
 def factor_test(runs: pd.DataFrame, factor: str) -> FactorTest:
@@ -130,9 +138,10 @@ def factor_test(runs: pd.DataFrame, factor: str) -> FactorTest:
 
 def failure_analysis(cfg: TrackingConfig) -> dict[str, Any]:
     """Every factor's test over the experiment's runs, as one JSON-ready object."""
-    runs = outcomes(cfg)
+    runs, unrecorded = outcomes(cfg)
     return {
         "runs": len(runs),
+        "left_out": unrecorded,
         "failed": int((runs["outcome"] != OK).sum()),
         "outcomes": {str(k): int(v) for k, v in runs["outcome"].value_counts().items()},
         "factors": [factor_test(runs, f).to_dict() for f in FACTORS],
@@ -145,6 +154,9 @@ def format_analysis(data: dict[str, Any]) -> str:
         f"{data['runs']} runs, {data['failed']} failed: "
         + ", ".join(f"{k} {v}" for k, v in data["outcomes"].items())
     ]
+    if data["left_out"]:
+        lines.append(f"({data['left_out']} older runs left out: recorded before failures were "
+                     "tagged)")  # fmt: skip
     for test in data["factors"]:
         lines.append("")
         lines.append(f"outcome × {test['factor']}" + (" (failed runs)" if test["factor"] ==

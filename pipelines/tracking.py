@@ -244,7 +244,7 @@ class Tracker:
             self.mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
             try:
                 yield run.info.run_id
-            except BaseException as exc:  # the run ends FAILED (or KILLED); say why, then go on
+            except BaseException as exc:  # MLflow ends the run FAILED; say why, then go on
                 self._record_failure(exc)
                 raise
 
@@ -260,12 +260,16 @@ class Tracker:
 
     def _record_failure(self, exc: BaseException) -> None:
         """``failure.class``, ``failure.message`` and ``failure.stage`` on the parent run, for
-        ``zipfline failures``; a store that cannot take them leaves the error as it was."""
-        tags = {FAILURE_CLASS: error_class(exc), "failure.message": one_line(exc)[:5000]}
-        if isinstance(exc, KeyboardInterrupt):
-            tags[FAILURE_CLASS] = "KeyboardInterrupt"
-        tags[FAILURE_STAGE] = self.failed_stage or "(between stages)"
+        ``zipfline failures`` (an interrupt is class ``KeyboardInterrupt``, which it counts as
+        killed); a store that cannot take them, or an error whose text cannot be read (a Java
+        error once the JVM is gone), leaves the run's own error as it was."""
         try:
+            interrupted = isinstance(exc, KeyboardInterrupt)
+            tags = {
+                FAILURE_CLASS: "KeyboardInterrupt" if interrupted else error_class(exc),
+                "failure.message": one_line(exc)[:5000],
+                FAILURE_STAGE: self.failed_stage or "(between stages)",
+            }
             self.set_parent_tags(tags)
         except Exception as problem:  # the run's own error is the one to report
             log.warning("MLflow: the failure's tags were not recorded (%s)", problem)

@@ -142,9 +142,12 @@ def _as_a_worker() -> Iterator[None]:
     saved_env, threads = dict(os.environ), torch.get_num_threads()
     try:
         yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved_env)
+    finally:  # only what changed: other threads may read the environment meanwhile
+        for key in set(os.environ) - set(saved_env):
+            del os.environ[key]
+        for key, value in saved_env.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
         torch.set_num_threads(threads)
 
 

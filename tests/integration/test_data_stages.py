@@ -13,8 +13,10 @@ from core.layout import RunContext
 from jobs import augment, split
 from pipelines.stages import run_stage
 from querylog import readers
+from querylog.clean import NORM, normalize_queries
 from querylog.readers import CORRUPT, read_raw
 from tests.conftest import config_for
+from trainers.featurizer import normalize_query
 
 pytestmark = pytest.mark.integration
 
@@ -275,9 +277,6 @@ def test_ingest_counts_reconcile_on_random_mess(spark, tmp_path, seed):
 def test_ingest_normalizes_every_query_as_the_featurizer_does(spark):
     """ASCII queries are normalized by Spark's functions, the others in Python: both give what
     the featurizer's ``normalize_query`` gives (the model sees the text ingest kept)."""
-    from querylog.clean import NORM, normalize_queries
-    from trainers.featurizer import normalize_query
-
     rng = np.random.default_rng(3)
     ascii_chars = [chr(c) for c in range(128)]
     texts = [None, "", " ", "\x00", "\x7f", "Cheap\tFLIGHTS \r\n", "\x1fa\x1cb\x0bc\x0cd"]

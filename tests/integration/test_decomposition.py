@@ -107,3 +107,4 @@ def test_decomposition_terms_move_the_way_they_should(spark, tmp_path):
     assert here["test_error"] == pytest.approx(there["test_error"], abs=1e-9)
     assert here["test_logloss"] == pytest.approx(there["test_logloss"], rel=1e-5)
     assert torch.get_num_threads() == threads and dict(os.environ) == env
+    assert not torch.distributed.is_initialized()

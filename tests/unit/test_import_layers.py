@@ -3,7 +3,8 @@
 1. ``core``: errors, config, data layout, atomic writes, hashing, the Spark session factory;
 2. libraries: ``querylog`` (data), ``data_quality``, ``trainers`` (ml);
 3. stages: ``jobs``, which never import each other;
-4. orchestration: ``pipelines`` (stage list, flow, tracking, registry, retrain, sweep, report);
+4. orchestration: ``pipelines`` (stage list, flow, tracking, registry, retrain, sweep, report,
+   failures);
 5. the CLI: ``pipelines.cli`` and ``pipelines.__main__``.
 
 A module may import its own layer or lower ones. A stage script's ``if __name__ ==
