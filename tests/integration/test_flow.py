@@ -6,8 +6,15 @@ on, run once by the command line); the reruns work on a copy of it.
 
 from __future__ import annotations
 
+import html
 import json
 import random
+import re
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -252,13 +259,12 @@ def test_user_csv_folder_flow(spark, in_tmp, empty_store, capsys):
 def _check_the_mlflow_ui(data: dict, store: str) -> None:
     """Start the MLflow UI on 127.0.0.1 as `make ui` does (without MLflow's job runner and its
     seven queue consumers, which serve jobs this check does not use) and read the run through
-    its REST API: its metrics (stage counts, gates, the decomposition), tags and artifacts."""
+    its REST API: its metrics (stage counts, gates, the decomposition), tags and artifacts; then
+    its pages in headless Chromium."""
     import os
-    import subprocess
     import sys
     import time
     import urllib.request
-    from pathlib import Path
 
     port = free_port()
     mlflow_bin = Path(sys.executable).parent / "mlflow"
@@ -305,6 +311,50 @@ def _check_the_mlflow_ui(data: dict, store: str) -> None:
         assert child_metrics["dq_ingest_success"] == 1 and child_metrics["rows_in"] > 0
         listed = get(f"/api/2.0/mlflow/artifacts/list?run_id={child['info']['run_id']}&path=dq")
         assert any(f["path"].endswith("ingest.rows.html") for f in listed["files"])
+        _check_the_pages_in_chromium(base, run["info"]["experiment_id"], data)
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+"""Debian's chromium (`.ci/run` installs it where it can), for the UI's pages as a user sees them."""
+
+
+def _rendered_text(url: str, profile: Path) -> str:
+    """The text of ``url``'s page once its scripts have run, from headless Chromium with a new
+    profile (no remembered view) and nothing but loopback traffic."""
+    proc = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", "--disable-extensions", f"--user-data-dir={profile}",
+         "--virtual-time-budget=20000", "--dump-dom", url],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout, proc.stderr[-2000:]
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", proc.stdout)))
+
+
+def _check_the_pages_in_chromium(base: str, experiment_id: str, data: dict) -> None:
+    """The links zipfline prints, opened in headless Chromium: the experiment opens on its
+    training runs (not MLflow's GenAI overview) and lists the run; the run page shows the run's
+    description, its datasets, its tags and its metrics."""
+    if CHROMIUM is None:
+        warnings.warn("the MLflow UI's pages were not checked: no chromium (apt-get install "
+                      "chromium)", stacklevel=2)  # fmt: skip
+        return
+    with tempfile.TemporaryDirectory(prefix="zipfline-chromium-") as profile:
+        view = "workflowType=machine_learning"
+        experiment = _rendered_text(f"{base}/#/experiments/{experiment_id}?{view}", Path(profile))
+        # the runs list, not the GenAI overview (its Usage tab), with the run and its datasets
+        assert "zipfline 2026-11-01" in experiment and "Usage" not in experiment
+        for name in ("train shards (", "validation shards (", "test split ("):
+            assert name in experiment, name
+        page = _rendered_text(
+            f"{base}/#/experiments/{experiment_id}/runs/{data['run_id']}?{view}", Path(profile)
+        )
+    assert "Description Pipeline run 2026-11-01" in page  # the description, first on the page
+    assert f"test_error {data['test_error']:.4f}" in page
+    assert "Datasets train shards (" in page and "+2" in page  # the other two behind "+2"
+    assert "promotion : accepted" in page and "bayes_known : true" in page  # tags
+    assert "err_optim" in page and "Parameters" in page
