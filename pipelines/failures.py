@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 
 from core.config import TrackingConfig
-from pipelines.tracking import FAILURE_CLASS, FAILURE_STAGE, PARENT_TAG, connect
+from pipelines.tracking import FAILURE_CLASS, FAILURE_STAGE, HOST_TAG, PARENT_TAG, connect
 
 OK = "ok"
 FACTORS = {
@@ -30,11 +30,11 @@ FACTORS = {
     "mode": "params.train.mode",
     "world_size": "params.train.world_size",
     "precision": "params.train.precision",
-    "host": "tags.host",
+    "host": f"tags.{HOST_TAG}",
 }
 """Factor name -> the run field it is read from (the settings asked for, as logged)."""
-OUTCOMES = {"FINISHED": None, "FAILED": None, "KILLED": "killed"}
-"""Run statuses counted (a running run is not an outcome yet); FAILED takes the error class."""
+ENDED = ("FINISHED", "FAILED", "KILLED")
+"""Run statuses counted: a running run is not an outcome yet."""
 MIN_EXPECTED = 5.0
 ALPHA = 0.05
 
@@ -95,19 +95,13 @@ def outcomes(cfg: TrackingConfig) -> tuple[pd.DataFrame, int]:
             max_results=1000, page_token=token,
         )  # fmt: skip
         for run in page:
-            status = run.info.status
-            if status not in OUTCOMES:
+            if run.info.status not in ENDED:
                 continue
-            if "host" not in run.data.tags:
+            if HOST_TAG not in run.data.tags:
                 unrecorded += 1
                 continue
-            outcome = OUTCOMES[status] or (
-                OK if status == "FINISHED" else run.data.tags.get(FAILURE_CLASS, "unknown")
-            )
-            if outcome == "KeyboardInterrupt":
-                outcome = "killed"
             fields = {"tags": run.data.tags, "params": run.data.params}
-            row = {"run_id": run.info.run_id, "outcome": outcome}
+            row = {"run_id": run.info.run_id, "outcome": _outcome(run.info.status, run.data.tags)}
             for factor, where in FACTORS.items():
                 kind, key = where.split(".", 1)
                 row[factor] = fields[kind].get(key, "n/a")
@@ -116,6 +110,15 @@ def outcomes(cfg: TrackingConfig) -> tuple[pd.DataFrame, int]:
         if not token:
             break
     return pd.DataFrame(rows, columns=["run_id", "outcome", *FACTORS]), unrecorded
+
+
+def _outcome(status: str, tags: dict[str, str]) -> str:
+    """``ok``, ``killed`` (MLflow's KILLED, or an interrupt, which MLflow ends FAILED), or the
+    failed run's error class."""
+    if status == "FINISHED":
+        return OK
+    cls = tags.get(FAILURE_CLASS, "unknown")
+    return "killed" if status == "KILLED" or cls == "KeyboardInterrupt" else cls
 
 
 def factor_test(runs: pd.DataFrame, factor: str) -> FactorTest:

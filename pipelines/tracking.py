@@ -46,6 +46,7 @@ MANIFEST = "manifest.json"  # the shard stage's file list (jobs.shard.MANIFEST)
 MANIFEST_SPLITS = {"training": "train", "validation": "validation", "test": "test"}
 FAILURE_CLASS = "failure.class"  # a failed run's error class (core.errors.error_class)
 FAILURE_STAGE = "failure.stage"  # the stage it failed in
+HOST_TAG = "host"  # the machine a run's driver ran on
 
 
 def git_sha() -> str:
@@ -232,7 +233,7 @@ class Tracker:
             "run_date": run_date,
             "trigger": trigger,
             "git_sha": git_sha(),
-            "host": socket.gethostname(),
+            HOST_TAG: socket.gethostname(),
             PARENT_TAG: kind,
         }
         # system metrics (CPU, memory, disk, network; GPU where there is one) on the parent

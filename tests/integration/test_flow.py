@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import random
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
+import time
+import urllib.request
 import warnings
 from pathlib import Path
 
@@ -261,11 +265,6 @@ def _check_the_mlflow_ui(data: dict, store: str) -> None:
     seven queue consumers, which serve jobs this check does not use) and read the run through
     its REST API: its metrics (stage counts, gates, the decomposition), tags and artifacts; then
     its pages in headless Chromium."""
-    import os
-    import sys
-    import time
-    import urllib.request
-
     port = free_port()
     mlflow_bin = Path(sys.executable).parent / "mlflow"
     server = subprocess.Popen(

@@ -30,10 +30,17 @@ def _plant(client: MlflowClient, experiment: str, i: int) -> None:
     tags = {PARENT_TAG: "pipeline", "host": host}
     if failure:
         tags |= {FAILURE_CLASS: failure[0], FAILURE_STAGE: failure[1]}
+    _ended_run(client, experiment, tags, precision, "FAILED" if failure else "FINISHED")
+
+
+def _ended_run(
+    client: MlflowClient, experiment: str, tags: dict, precision: str, status: str
+) -> None:
+    """A pipeline run with ``tags`` and the training settings the factors read, ended ``status``."""
     run = client.create_run(experiment, tags=tags)
     params = {"train.precision": precision, "train.mode": "sync", "train.world_size": "2"}
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
-    client.set_terminated(run.info.run_id, "FAILED" if failure else "FINISHED")
+    client.set_terminated(run.info.run_id, status)
 
 
 def test_failures_depend_on_the_planted_factor_only(empty_store, capsys):
@@ -45,11 +52,8 @@ def test_failures_depend_on_the_planted_factor_only(empty_store, capsys):
     client.create_run(experiment, tags={PARENT_TAG: "pipeline"})  # still running: not counted
     old = client.create_run(experiment, tags={PARENT_TAG: "pipeline"})  # before tagging: apart
     client.set_terminated(old.info.run_id, "FAILED")
-    stopped = client.create_run(experiment, tags={PARENT_TAG: "pipeline", "host": "node0",
-                                                  FAILURE_CLASS: "KeyboardInterrupt"})  # fmt: skip
-    params = {"train.precision": "fp32", "train.mode": "sync", "train.world_size": "2"}
-    client.log_batch(stopped.info.run_id, params=[Param(k, v) for k, v in params.items()])
-    client.set_terminated(stopped.info.run_id, "FAILED")  # MLflow's status for a Ctrl-C
+    stopped = {PARENT_TAG: "pipeline", "host": "node0", FAILURE_CLASS: "KeyboardInterrupt"}
+    _ended_run(client, experiment, stopped, "fp32", "FAILED")  # MLflow's status for a Ctrl-C
     sweep = client.create_run(experiment, tags={PARENT_TAG: "sweep"})  # not a pipeline run
     client.set_terminated(sweep.info.run_id, "FAILED")
 
