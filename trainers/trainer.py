@@ -474,22 +474,39 @@ class Trainer:
         dist.all_reduce(vote, op=dist.ReduceOp.MAX)
         return bool(vote.item() > 0)
 
-    def _plan(self, start: float, launch: tuple[float, int], cap: int | None) -> None:
+    def _plan(
+        self, start: float, launch: tuple[float, int], cap: int | None, out_of_time: bool = False
+    ) -> bool:
         """Plan the steps the learning rates decay over: those the rest of the budget leaves
         room for at this launch's wall time per step so far (evaluations and checkpoints
         included), at most ``cap``; every rank takes the smallest plan. The ranks also agree on
         the steps between stop votes: about ``VOTE_EVERY_S`` apart at the slowest rank's pace,
-        so that short steps (the numba kernel's) do not spend a tenth of their time voting."""
+        so that short steps (the numba kernel's) do not spend a tenth of their time voting.
+        The same all-reduce carries a stop vote: True on every rank when any rank says it is
+        ``out_of_time``."""
         now = time.monotonic()
         per_step = (now - launch[0]) / max(self.step - launch[1], 1)
         room = max(self.cfg.time_budget_s - (now - start), 0.0) / max(per_step, 1e-9)
         vote = stop_vote_interval(per_step)
-        agreed = torch.tensor([float(self.step + math.floor(room)), float(vote)],
-                              dtype=torch.float64, device=self.device)  # fmt: skip
+        agreed = torch.tensor(
+            [float(self.step + math.floor(room)), float(vote), -1.0 if out_of_time else 0.0],
+            dtype=torch.float64, device=self.device,
+        )  # fmt: skip
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
         planned, self.vote_every = int(agreed[0].item()), int(agreed[1].item())
         total = planned if cap is None else min(cap, planned)
         self.total_steps = max(total, self.step + 1)
+        return bool(agreed[2].item() < 0)
+
+    def _vote(self, start: float, launch: tuple[float, int], cap: int | None) -> bool:
+        """The stop vote every ``vote_every`` steps: True on every rank when any rank is out of
+        time. Once the first plan is made, each vote re-plans the schedule in the same
+        all-reduce, so that the learning rates follow the pace when it changes (a machine
+        shared with other jobs) and still reach their end as the budget runs out."""
+        out_of_time = time.monotonic() - start >= self.cfg.time_budget_s
+        if self.step - launch[1] <= PLAN_AFTER_STEPS:
+            return self._agree(out_of_time)
+        return self._plan(start, launch, cap, out_of_time)
 
     def _steps_per_epoch(self) -> int:
         local = torch.tensor([math.ceil(self.train_data.num_rows / self.cfg.batch_size)],
@@ -660,9 +677,7 @@ class Trainer:
                     self.average_models()
                 if every and self.step % every == 0:
                     self.save_checkpoint(time.monotonic() - start)
-                if self.step % self.vote_every == 0 and self._agree(
-                    time.monotonic() - start >= budget
-                ):
+                if self.step % self.vote_every == 0 and self._vote(start, launch, cap):
                     out_of_time = True
                     break
                 if self.step - launch[1] == PLAN_AFTER_STEPS:
