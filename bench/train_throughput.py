@@ -5,7 +5,8 @@ Generates a log (default 1M events over 200k distinct queries), runs the data st
 examples), then trains for a fixed number of epochs with no early stop:
 
 - zipfline's numba kernel (fastText's per-example update, row-wise Adagrad; and plain SGD) with
-  1, 2, 4, 8 worker processes (as many as the machine has cores, one thread each), and its torch
+  1, 2, 4, 8 worker processes (as many as the machine has cores, one thread each) sharing one
+  copy of the weights (``train.mode=shared``), and 2 averaging replicas (``local_sgd``); its torch
   loop (sync with the row exchange at fp32 and bf16, local SGD), through TorchDistributor local
   mode: samples/s, per core, scaling efficiency against one worker, and bytes each worker sends
   per step;
@@ -100,9 +101,13 @@ def main() -> None:
 
     cores = os.cpu_count() or 1
     counts = [w for w in (1, 2, 4, 8) if w <= cores]
-    learners = [  # name, precision, workers, train.* settings
-        *[("numba rowwise_adagrad", "fp32", w, {"kernel": "numba", "mode": "local_sgd"})
+    # name, precision, workers, train.* settings; scaling is against the first row of the
+    # same family (its samples/s per worker)
+    learners = [
+        *[("numba rowwise_adagrad shared", "fp32", w, {"kernel": "numba", "mode": "shared"})
           for w in counts],
+        *[("numba rowwise_adagrad local_sgd", "fp32", w, {"kernel": "numba", "mode": "local_sgd"})
+          for w in counts[1:2]],
         ("numba sgd", "fp32", 1, {"kernel": "numba", "optimizer": "sgd", "lr": 0.5}),
         *[("torch sync", "fp32", w, {"kernel": "torch", "mode": "sync"}) for w in counts[:2]],
         ("torch sync", "bf16", 1, {"kernel": "torch", "mode": "sync", "precision": "bf16"}),
@@ -116,9 +121,10 @@ def main() -> None:
         predictor = Predictor.from_file(out / "model.pt")
         acc = accuracy(test_df, predictor.labels, predictor.predict_proba(test_df["query"]))
         sps = result["samples_per_s"]
-        single.setdefault((name, precision), sps / workers)
+        family = (" ".join(name.split()[:2]) if name.startswith("numba") else name, precision)
+        single.setdefault(family, sps / workers)
         rows.append((f"zipfline {name}", "cpu", precision, workers, sps, sps / workers,
-                     sps / (workers * single[name, precision]), result.get("bytes_per_step"),
+                     sps / (workers * single[family]), result.get("bytes_per_step"),
                      acc))  # fmt: skip
         print(f"  {rows[-1][0]} {precision} x{workers}: {sps:,.0f} samples/s, acc {acc:.4f}",
               flush=True)  # fmt: skip
@@ -130,14 +136,14 @@ def main() -> None:
                      ft["samples_per_s"] / threads, ft["samples_per_s"] / (threads * (
                          fasttext_rows[0]["samples_per_s"])), None, ft["accuracy"]))  # fmt: skip
 
-    print(f"\n{'learner':<32}{'device':>7}{'prec':>6}{'workers':>8}{'samples/s':>12}"
+    print(f"\n{'learner':<44}{'device':>7}{'prec':>6}{'workers':>8}{'samples/s':>12}"
           f"{'per core':>11}{'scaling':>9}{'bytes/step':>12}{'test acc':>10}")  # fmt: skip
     for name, device, precision, workers, sps, per_core, eff, sent, acc in rows:
         sent_s = "-" if sent is None or np.isnan(sent) else f"{sent:,.0f}"
-        print(f"{name:<32}{device:>7}{precision:>6}{workers:>8}{sps:>12,.0f}{per_core:>11,.0f}"
+        print(f"{name:<44}{device:>7}{precision:>6}{workers:>8}{sps:>12,.0f}{per_core:>11,.0f}"
               f"{eff:>9.2f}{sent_s:>12}{acc:>10.4f}")  # fmt: skip
     ft1 = fasttext_rows[0]
-    one = next(r for r in rows if r[0] == "zipfline numba rowwise_adagrad" and r[3] == 1)
+    one = next(r for r in rows if r[0] == "zipfline numba rowwise_adagrad shared" and r[3] == 1)
     print(f"\nnumba kernel, 1 worker / fastText, 1 thread: samples/s {one[4] / ft1['samples_per_s']:.2f}x,"
           f" test accuracy {one[8] - ft1['accuracy']:+.4f}")  # fmt: skip
 

@@ -67,12 +67,20 @@ def fasttext_predict(model, test_df: pd.DataFrame) -> tuple[list[str], np.ndarra
 
 
 def fasttext_default(train_df: pd.DataFrame, test_df: pd.DataFrame, work: Path) -> dict:
-    """fastText's supervised defaults on the distinct training texts; accuracy and seconds."""
+    """fastText's supervised defaults on the distinct training texts; accuracy and seconds. Its
+    threads race, and now and then a run ends in "Encountered NaN": up to three tries."""
     import fasttext
 
     path = write_fasttext_file(train_df, work / "fasttext_train.txt")
-    t0 = time.perf_counter()
-    model = fasttext.train_supervised(str(path), thread=os.cpu_count() or 1, verbose=0)
+    for attempt in range(1, 4):
+        t0 = time.perf_counter()
+        try:
+            model = fasttext.train_supervised(str(path), thread=os.cpu_count() or 1, verbose=0)
+            break
+        except RuntimeError as exc:
+            print(f"fastText, try {attempt} of 3: {exc}", flush=True)
+            if attempt == 3:
+                raise
     seconds = time.perf_counter() - t0
     labels, probs = fasttext_predict(model, test_df)
     return {"accuracy": accuracy(test_df, labels, probs), "seconds": seconds}

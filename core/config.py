@@ -238,12 +238,15 @@ class TrainConfig:
     """Training processes (data-parallel workers)."""
     precision: Literal["fp64", "fp32", "bf16", "fp16"] = "fp32"
     """Numeric precision; ``fp16`` needs a GPU (it uses a gradient scaler)."""
-    mode: Literal["auto", "sync", "local_sgd"] = "auto"
+    mode: Literal["auto", "sync", "local_sgd", "shared"] = "auto"
     """``sync``: every step, the gradients of the embedding rows some worker touched are
     exchanged (DDP's all-reduce on GPUs). ``local_sgd``: each worker steps on its own and the
     models are averaged every ``sync_every`` steps (only the embedding rows some worker touched
-    travel), trading staleness for far less communication. ``auto``: ``local_sgd`` where the
-    numba kernel runs (it steps example by example), ``sync`` elsewhere."""
+    travel), trading staleness for far less communication. ``shared``: the numba kernel's
+    workers on one host update one copy of the weights in shared memory without locks
+    (Hogwild!, as fastText's threads); nothing travels. ``auto``: ``shared`` where the numba
+    kernel runs (``local_sgd`` where the workers cannot share memory: several hosts, no room),
+    ``sync`` elsewhere."""
     sync_every: int = 50
     """Steps between model averages in ``local_sgd`` mode."""
     time_budget_s: float = 60.0
@@ -265,7 +268,8 @@ class TrainConfig:
     or one worker), torch elsewhere."""
     threads: int = 1
     """Threads per worker under the numba kernel (Hogwild!: lock-free shared updates, as
-    fastText does); 1 is deterministic."""
+    fastText does); 1 is deterministic for one worker or in ``local_sgd`` mode (``shared``
+    workers update one copy without locks, as threads do)."""
     lr: float = 0.5
     """Learning rate of the embedding optimizer."""
     dense_optimizer: Literal["adagrad", "sgd", "adam"] = "adam"

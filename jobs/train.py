@@ -71,7 +71,11 @@ def run(ctx: RunContext, out: Path) -> StageResult:
             "val_loss": [[h["step"], h["val_loss"]] for h in result["history"]],
             "val_accuracy": [[h["step"], h["val_accuracy"]] for h in result["history"]],
         },
-        tags={"stopped_by": result["stopped_by"], "kernel_reason": result["kernel_reason"]},
+        tags={
+            "stopped_by": result["stopped_by"],
+            "kernel_reason": result["kernel_reason"],
+            "sync_reason": result["sync_reason"],
+        },
         artifacts=[RESULT_FILE, TRAIN_SPEC_FILE, *([AUTO_PLAN_FILE] if plan_params else [])],
         model=MODEL_FILE,
     )

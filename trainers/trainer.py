@@ -33,6 +33,7 @@ from trainers.data import check_featurizer, load_manifest, read_split
 from trainers.exchange import RowExchange
 from trainers.kernels import train_examples, warm_hogwild
 from trainers.model import NgramClassifier, UnsafeFile, load_tensors
+from trainers.shared import share_tensors
 from trainers.spec import TrainSpec
 
 MODEL_FILE = "model.pt"
@@ -132,20 +133,31 @@ def select_kernel(
 
 
 def what_runs(cfg: TrainConfig, device_type: str, hidden: tuple[int, ...]) -> tuple[str, str]:
-    """The loop (``numba`` or ``torch``) and the mode (``sync`` or ``local_sgd``) that ``cfg``
-    resolves to: what ``auto`` settings become, for planners that must know before training."""
+    """The loop (``numba`` or ``torch``) and the mode (``sync``, ``local_sgd`` or ``shared``)
+    that ``cfg`` resolves to: what ``auto`` settings become, for planners that must know before
+    training (``shared`` falls back to ``local_sgd`` at launch where the workers cannot map one
+    memory: see :func:`trainers.shared.share_tensors`)."""
     kernel, _ = select_kernel(cfg, device_type, hidden, cfg.world_size)
-    sync = select_sync(cfg.mode, kernel, device_type)
-    return kernel, "local_sgd" if sync == "average" else "sync"
+    sync = select_sync(cfg.mode, kernel, device_type, cfg.world_size)
+    return kernel, {"average": "local_sgd", "shared": "shared"}.get(sync, "sync")
 
 
-def select_sync(mode: str, kernel: str, device_type: str) -> str:
-    """How the replicas stay in step: ``average`` (local SGD, and the numba kernel: each
-    replica steps alone and they are averaged every ``sync_every`` steps), ``exchange`` (sync
-    mode on CPU: the touched rows' gradients of every step, ``trainers.exchange``) or ``ddp``
-    (sync mode on GPUs: DDP all-reduces the dense gradients over NCCL). ``auto`` mode is
-    ``average`` for the numba kernel and sync for the torch loop."""
-    if mode == "local_sgd" or kernel == "numba":
+def select_sync(mode: str, kernel: str, device_type: str, world_size: int = 1) -> str:
+    """How the replicas stay in step: ``shared`` (the numba kernel's workers on one host, in
+    ``auto`` or ``shared`` mode: one copy of the weights that every worker updates, Hogwild!),
+    ``average`` (local SGD, and the numba kernel otherwise: each replica steps alone and they
+    are averaged every ``sync_every`` steps), ``exchange`` (sync mode on CPU: the touched rows'
+    gradients of every step, ``trainers.exchange``) or ``ddp`` (sync mode on GPUs: DDP
+    all-reduces the dense gradients over NCCL). ``auto`` mode is ``shared`` for the numba
+    kernel and sync for the torch loop."""
+    if mode == "shared" and kernel != "numba":
+        raise ConfigError(
+            "train.mode = shared trains Hogwild! with the numba kernel, which does not run here "
+            "(train.kernel, train.use_gpu, model.hidden, train.precision, train.optimizer)"
+        )
+    if kernel == "numba" and world_size > 1 and mode in ("auto", "shared"):
+        return "shared"
+    if mode in ("local_sgd", "shared") or kernel == "numba":
         return "average"
     return "exchange" if device_type == "cpu" else "ddp"
 
@@ -242,14 +254,7 @@ class Trainer:
         self.kernel, self.kernel_reason = select_kernel(
             self.cfg, self.device.type, self.model_spec.hidden, self.world_size
         )
-        self.sync = select_sync(self.cfg.mode, self.kernel, self.device.type)
-        self.local_sgd, self.exchange_rows = self.sync == "average", self.sync == "exchange"
-        self.exchange = RowExchange(self.model, self.world_size) if self.exchange_rows else None
-        self.ddp = (
-            self.model
-            if self.local_sgd or self.exchange_rows
-            else DistributedDataParallel(self.model, device_ids=device_ids)
-        )
+        self.sync = select_sync(self.cfg.mode, self.kernel, self.device.type, self.world_size)
         # The numba kernel's optimizer state: one accumulator per embedding row and per class
         # (row-wise Adagrad), torch tensors like the weights, so checkpoints carry them.
         dtype = self.precision.param_dtype
@@ -262,6 +267,26 @@ class Trainer:
             self.model_spec.num_buckets, dtype=torch.uint8, device=self.device
         )
         self._average_buffer = torch.empty(0, dtype=self.precision.param_dtype, device=self.device)
+        self.sync_reason = f"train.mode={self.cfg.mode}"
+        if self.sync == "shared":
+            why_not = share_tensors([*self.model.parameters(), *self.kernel_state.values()])
+            if why_not and self.cfg.mode == "shared":
+                raise ConfigError(
+                    f"train.mode = shared: one memory for all workers fails: {why_not}"
+                )
+            if why_not:
+                self.sync, self.sync_reason = (
+                    "average",
+                    f"train.mode=auto: local SGD, since {why_not}",
+                )
+        self.local_sgd, self.exchange_rows = self.sync == "average", self.sync == "exchange"
+        self.shared = self.sync == "shared"
+        self.exchange = RowExchange(self.model, self.world_size) if self.exchange_rows else None
+        self.ddp = (
+            DistributedDataParallel(self.model, device_ids=device_ids)
+            if self.sync == "ddp"
+            else self.model
+        )
         self.comm_seconds = 0.0
         self.bytes_sent = 0  # what this rank sent: model averages, or the gradient exchange
         self.optimizers = [] if self.kernel == "numba" else build_optimizers(self.model, self.cfg)
@@ -406,7 +431,11 @@ class Trainer:
     def average_models(self) -> None:
         """Local SGD: make every replica the mean of all. Dense layers are averaged whole; of
         the embedding only the rows that some rank touched since the last average (the others
-        are equal everywhere already)."""
+        are equal everywhere already). In shared mode the ranks only meet: every rank has
+        stopped writing the one copy before it is read (evaluated, saved)."""
+        if self.shared:
+            dist.barrier()
+            return
         if not self.local_sgd:
             return
         if self.world_size == 1:
@@ -724,6 +753,8 @@ class Trainer:
             comm_fraction = self.comm_seconds / max(step_seconds + self.comm_seconds, 1e-9)
         elif self.exchange_rows:
             comm_fraction = min(1.0, self.comm_seconds / max(step_seconds, 1e-9))
+        elif self.shared:
+            comm_fraction = 0.0  # one memory: nothing travels
         elif probe_steps_seconds > 0:
             comm = max(0.0, probe_fwd_bwd - probe_seconds)
             comm_fraction = min(1.0, comm / probe_steps_seconds)
@@ -749,11 +780,12 @@ class Trainer:
             "device": str(self.device),
             "kernel": self.kernel,
             "bytes_per_step": self.bytes_sent / max(steps_here, 1)
-            if self.local_sgd or self.exchange_rows
+            if self.local_sgd or self.exchange_rows or self.shared
             else math.nan,
             "kernel_reason": self.kernel_reason,
             "stop_vote_every": self.vote_every,
             "sync": self.sync,
+            "sync_reason": self.sync_reason,
             "optimizer": self.optimizer_name,
             "precision": self.precision.name,
         }
