@@ -244,9 +244,9 @@ class TrainConfig:
     models are averaged every ``sync_every`` steps (only the embedding rows some worker touched
     travel), trading staleness for far less communication. ``shared``: the numba kernel's
     workers on one host update one copy of the weights in shared memory without locks
-    (Hogwild!, as fastText's threads); nothing travels. ``auto``: ``shared`` where the numba
-    kernel runs (``local_sgd`` where the workers cannot share memory: several hosts, no room),
-    ``sync`` elsewhere."""
+    (Hogwild!, as fastText's threads); nothing travels (``local_sgd`` where they cannot share).
+    ``auto``: ``local_sgd`` where the numba kernel runs (``--budget`` picks ``shared`` where the
+    budget is too short to converge), ``sync`` elsewhere."""
     sync_every: int = 50
     """Steps between model averages in ``local_sgd`` mode."""
     time_budget_s: float = 60.0
@@ -263,7 +263,7 @@ class TrainConfig:
     kernel: Literal["auto", "numba", "torch"] = "auto"
     """The training loop: ``numba``, fastText's per-example update compiled for the CPU
     (linear model, fp32/fp64, ``sgd`` or ``adagrad``; workers average every ``sync_every``
-    steps); ``torch``, mini-batches through autograd; ``auto`` (the default), numba where it
+    steps, or share one copy in ``shared`` mode); ``torch``, mini-batches through autograd; ``auto`` (the default), numba where it
     applies (CPU, no hidden layer, fp32/fp64, sgd/adagrad, and a ``mode`` other than ``sync``
     or one worker), torch elsewhere."""
     threads: int = 1
@@ -278,8 +278,8 @@ class TrainConfig:
     """Learning rate of the dense optimizer."""
     lr_schedule: Literal["constant", "linear", "cosine"] = "linear"
     """Decay of both learning rates over the planned steps: as many as the rest of the budget
-    leaves room for at the measured step time (timed after a warm-up, measured again after
-    every evaluation), at most ``epochs`` × steps per epoch."""
+    leaves room for at the measured step time (timed after a warm-up, measured again at every
+    stop vote and after every evaluation), at most ``epochs`` × steps per epoch."""
     warmup_steps: int = 0
     """Steps of linear warm-up before the schedule."""
     checkpoint_every: int = 200

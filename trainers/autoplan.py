@@ -12,8 +12,13 @@ probe of the training rows, not from a grid; every choice keeps the measurement 
   steps by the gradients' history, and the cap is reported, not applied.
 - **Precision** from measured step times: T_sol = N_it × T_step, and lower precision leaves N_it
   about as it is on this model, so the faster step wins when it is faster by a clear margin.
+- **Mode** of the numba kernel's workers (``train.mode=auto``, more than one worker) from its
+  measured samples/s: where the budget leaves one worker room for fewer than
+  ``EPOCHS_TO_CONVERGE`` epochs it binds, and the workers share one copy of the weights
+  (``shared``: Hogwild!, nothing sent, about twice the samples/s of averaged replicas on two
+  workers); otherwise they average replicas (``local_sgd``), which generalize better.
 
-All three are measured on the compact problem of the probe (the embedding rows its n-grams
+The first three are measured on the compact problem of the probe (the embedding rows its n-grams
 touch and the dense layers, in float64), after a few steps of gradient descent on as many
 other rows (:func:`warm_up`): at fastText's initialization the output layer is zero, and so is
 every embedding row's gradient. λ_max is the embedding block's, since ``train.lr`` is the embedding
@@ -38,10 +43,11 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from core.errors import ConfigError
-from trainers.data import read_split
+from trainers.data import ShardData, read_split
+from trainers.kernels import train_examples
 from trainers.model import NgramClassifier
 from trainers.spec import TrainSpec
-from trainers.trainer import what_runs
+from trainers.trainer import KERNEL_OPTIMIZER, what_runs
 
 Params = list[torch.Tensor]
 LossFn = Callable[[Params], torch.Tensor]
@@ -50,6 +56,9 @@ WARM_UP_STEPS = 10  # gradient steps on the probe before it is measured
 WARM_UP_FIRST_STEP = 1000.0  # the step size each warm-up step tries first (then halves): the
 # gradients at fastText's initialization are tiny (inputs of size 1/dim, a zero output layer)
 PRECISION_MARGIN = 0.8  # a lower precision is chosen when its step takes under 80% of fp32's
+EPOCHS_TO_CONVERGE = 10  # the numba kernel's runs converge in 4-6 epochs on the generated log and
+# on WordNet's glosses: a budget with room for fewer at one worker's pace binds
+KERNEL_PROBE_S = 0.3  # seconds of the numba kernel timed on the probe rows
 
 
 # --- the measurements -----------------------------------------------------------------------
@@ -377,6 +386,47 @@ def plan(
     return choices
 
 
+def kernel_samples_per_s(
+    model: NgramClassifier, data: ShardData, rows: np.ndarray, optimizer: str
+) -> float:
+    """One worker's samples/s under the numba kernel: the probe ``rows`` trained over and over
+    for about ``KERNEL_PROBE_S`` on copies of ``model``'s weights (the kernel compiled first)."""
+    weights = {
+        "emb": model.embedding.weight.detach().numpy().copy(),
+        "out_w": model.output.weight.detach().numpy().copy(),
+        "out_b": model.output.bias.detach().numpy().copy(),
+    }
+    state = {"emb_acc": np.zeros(len(weights["emb"]), weights["emb"].dtype),
+             "out_acc": np.zeros(len(weights["out_b"]), weights["emb"].dtype)}  # fmt: skip
+    args = (data.ids, data.row_offsets, data.labels, data.weights)
+    train_examples(*args, rows[:1], lr_start=0.0, lr_end=0.0, **weights, **state,
+                   optimizer=optimizer)  # fmt: skip
+    done, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < KERNEL_PROBE_S:
+        train_examples(*args, rows, lr_start=0.05, lr_end=0.05, **weights, **state,
+                       optimizer=optimizer)  # fmt: skip
+        done += len(rows)
+    return done / (time.perf_counter() - t0)
+
+
+def choose_mode(samples_per_s: float, train_rows: int, budget_s: float, world_size: int) -> Choice:
+    """``shared`` (Hogwild! on one copy: about twice the samples/s of averaged replicas on two
+    workers) where the budget is too short for one worker to converge, else ``local_sgd``
+    (averaged replicas generalize better, and the budget has the room)."""
+    epochs = budget_s * samples_per_s / max(train_rows, 1)
+    mode = "shared" if epochs < EPOCHS_TO_CONVERGE else "local_sgd"
+    return Choice(
+        "train.mode", mode,
+        f"one worker trains {samples_per_s:,.0f} samples/s, {epochs:.1f} epochs of {train_rows:,} "
+        f"rows in {budget_s:.0f}s; "
+        + (f"under {EPOCHS_TO_CONVERGE}, so the budget binds: {world_size} workers share one copy"
+           if mode == "shared" else
+           f"at least {EPOCHS_TO_CONVERGE}, room to converge: {world_size} replicas averaged"),
+        {"kernel_samples_per_s": samples_per_s, "epochs_in_budget": epochs,
+         "epochs_to_converge": EPOCHS_TO_CONVERGE},
+    )  # fmt: skip
+
+
 def warm_up(probe: Probe, steps: int = WARM_UP_STEPS) -> float:
     """A few steps of gradient descent with backtracking on the probe's loss, in place, so that
     the measurements are taken away from the initialization (whose zero output layer gives every
@@ -420,11 +470,13 @@ def configure(spec: TrainSpec, manifest: dict[str, Any]) -> tuple[TrainSpec, dic
     # twice the probe: half to warm up on, half to measure (in random order: a random split)
     rows = rng.choice(labeled, size=min(2 * t.auto_probe_rows, len(labeled)), replace=False)
     batch = data.batch(rows)
+    train_rows = int(manifest["splits"]["train"]["rows"])
     torch.manual_seed(t.seed)
     model = NgramClassifier(spec.model_spec(max(len(manifest["labels"]), 1)))
     on_gpu = t.use_gpu and torch.cuda.is_available()
     # what train.kernel / train.mode = auto become here: the numba kernel computes in fp32 (its
-    # step times are not the torch loop's), and its workers average rather than split a batch
+    # step times are not the torch loop's), and its workers average or share rather than split a
+    # batch
     kernel, mode = what_runs(t, "cuda" if on_gpu else "cpu", tuple(spec.model.hidden))
     precisions = (
         ["fp32"] if kernel == "numba" else ["fp32", "bf16", "fp16"] if on_gpu else ["fp32", "bf16"]
@@ -434,20 +486,30 @@ def configure(spec: TrainSpec, manifest: dict[str, Any]) -> tuple[TrainSpec, dic
         batch = tuple(x.cuda() for x in batch)
     choices = plan(
         model, batch, optimizer=t.optimizer, lr=t.lr, precisions=precisions,
-        train_rows=int(manifest["splits"]["train"]["rows"]), world_size=t.world_size, mode=mode,
+        train_rows=train_rows, world_size=t.world_size, mode=mode,
         grad_rel_error=t.auto_grad_rel_error, delta=t.auto_delta, lr_safety=t.auto_lr_safety,
         seed=t.seed,
     )  # fmt: skip
+    left_alone = {
+        "capacity and data fraction": "not measured yet: model.*, featurizer.* as configured"
+    }
+    if kernel == "numba" and t.world_size > 1 and t.mode == "auto":
+        sps = kernel_samples_per_s(model.cpu(), data, rows, KERNEL_OPTIMIZER[t.optimizer])
+        left = t.time_budget_s - (time.perf_counter() - t0)
+        choices.append(choose_mode(sps, train_rows, left, t.world_size))
+        left_alone["workers"] = "not measured yet: train.world_size as configured"
+    else:
+        left_alone["workers and mode"] = (
+            f"train.world_size, train.mode as configured ({mode}; the mode is chosen for the "
+            "numba kernel's workers under train.mode=auto)"
+        )
     seconds = time.perf_counter() - t0
     budget = max(t.time_budget_s - seconds, 1.0)
     report = {
         "budget_s": t.time_budget_s, "measuring_s": seconds, "training_budget_s": budget,
         "probe_rows": len(rows),
         "choices": [dataclasses.asdict(c) for c in choices],
-        "left_alone": {
-            "capacity and data fraction": "not measured yet: model.*, featurizer.* as configured",
-            "workers and mode": "not measured yet: train.world_size, train.mode as configured",
-        },
+        "left_alone": left_alone,
     }  # fmt: skip
     return apply_plan(spec, report), report
 

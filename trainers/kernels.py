@@ -17,7 +17,8 @@ Per example with ids ``i_1..i_n``, label ``y`` and weight ``w``, at learning rat
 ``rowwise_adagrad`` scales each row's step by 1/√(accumulated mean squared gradient of that
 row), fastText-like in cost (one float of state per row). Threads (``threads > 1``) run
 Hogwild!: each takes a slice of the examples and updates the shared weights without locks,
-which is how fastText trains too; ``threads = 1`` is deterministic.
+which is how fastText trains too; ``threads = 1`` is deterministic (unless the workers share one
+copy of the weights: ``train.mode=shared``).
 
 The learning rate decays linearly inside a call from ``lr_start`` to ``lr_end`` (the trainer
 passes the schedule's values at the chunk's ends), so a chunk of many examples follows the

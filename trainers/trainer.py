@@ -105,8 +105,8 @@ def select_kernel(
 
     The numba kernel is fastText's per-example update of the linear model on the CPU; it has no
     hidden layers, no mixed precision and no sparse Adam, and since it steps example by
-    example, workers meet by averaging (``local_sgd``, which ``auto`` mode picks for it) rather
-    than by exchanging gradients every step.
+    example, workers meet by averaging (``local_sgd``, which ``auto`` mode picks for it) or by
+    sharing one copy of the weights (``shared``) rather than by exchanging gradients every step.
     ``train.kernel=numba`` where it cannot apply is a config error naming the reason."""
     blockers = [
         why
@@ -117,8 +117,8 @@ def select_kernel(
             (cfg.optimizer not in ("sgd", "adagrad"), "its optimizers are sgd and adagrad"),
             (
                 cfg.mode == "sync" and world_size > 1,
-                "workers average its models (train.mode=local_sgd or auto) rather than exchange "
-                "gradients every step",
+                "workers average its models or share one (train.mode=local_sgd, shared or auto) "
+                "rather than exchange gradients every step",
             ),
         )
         if bad
@@ -143,19 +143,21 @@ def what_runs(cfg: TrainConfig, device_type: str, hidden: tuple[int, ...]) -> tu
 
 
 def select_sync(mode: str, kernel: str, device_type: str, world_size: int = 1) -> str:
-    """How the replicas stay in step: ``shared`` (the numba kernel's workers on one host, in
-    ``auto`` or ``shared`` mode: one copy of the weights that every worker updates, Hogwild!),
-    ``average`` (local SGD, and the numba kernel otherwise: each replica steps alone and they
-    are averaged every ``sync_every`` steps), ``exchange`` (sync mode on CPU: the touched rows'
-    gradients of every step, ``trainers.exchange``) or ``ddp`` (sync mode on GPUs: DDP
-    all-reduces the dense gradients over NCCL). ``auto`` mode is ``shared`` for the numba
-    kernel and sync for the torch loop."""
+    """How the replicas stay in step: ``shared`` (``train.mode=shared``, the numba kernel's
+    workers: one copy of the weights that every worker updates, Hogwild!), ``average`` (local
+    SGD, and the numba kernel otherwise: each replica steps alone and they are averaged every
+    ``sync_every`` steps), ``exchange`` (sync mode on CPU: the touched rows' gradients of every
+    step, ``trainers.exchange``) or ``ddp`` (sync mode on GPUs: DDP all-reduces the dense
+    gradients over NCCL). ``auto`` mode is ``average`` for the numba kernel (averaged replicas
+    generalize better than one shared copy where the budget leaves room to converge: the
+    ``--budget`` planner picks ``shared`` where it does not) and sync for the torch loop."""
     if mode == "shared" and kernel != "numba":
         raise ConfigError(
             "train.mode = shared trains Hogwild! with the numba kernel, which does not run here "
-            "(train.kernel, train.use_gpu, model.hidden, train.precision, train.optimizer)"
+            "(it needs train.kernel=auto or numba, the CPU, model.hidden=[], fp32 or fp64, "
+            "train.optimizer sgd or adagrad)"
         )
-    if kernel == "numba" and world_size > 1 and mode in ("auto", "shared"):
+    if mode == "shared" and world_size > 1:
         return "shared"
     if mode in ("local_sgd", "shared") or kernel == "numba":
         return "average"
@@ -268,17 +270,14 @@ class Trainer:
         )
         self._average_buffer = torch.empty(0, dtype=self.precision.param_dtype, device=self.device)
         self.sync_reason = f"train.mode={self.cfg.mode}"
+        if self.cfg.mode == "shared" and self.world_size == 1:
+            self.sync_reason = "train.mode=shared: one worker, nothing to share"
         if self.sync == "shared":
             why_not = share_tensors([*self.model.parameters(), *self.kernel_state.values()])
-            if why_not and self.cfg.mode == "shared":
-                raise ConfigError(
-                    f"train.mode = shared: one memory for all workers fails: {why_not}"
-                )
             if why_not:
-                self.sync, self.sync_reason = (
-                    "average",
-                    f"train.mode=auto: local SGD, since {why_not}",
-                )
+                self.sync, self.sync_reason = "average", f"train.mode=shared: local SGD, {why_not}"
+                if self.rank == 0:
+                    print(f"[train] {self.sync_reason}", flush=True)
         self.local_sgd, self.exchange_rows = self.sync == "average", self.sync == "exchange"
         self.shared = self.sync == "shared"
         self.exchange = RowExchange(self.model, self.world_size) if self.exchange_rows else None
@@ -434,7 +433,9 @@ class Trainer:
         are equal everywhere already). In shared mode the ranks only meet: every rank has
         stopped writing the one copy before it is read (evaluated, saved)."""
         if self.shared:
-            dist.barrier()
+            t0 = time.perf_counter()
+            dist.barrier()  # waiting for the slowest rank: counted as communication
+            self.comm_seconds += time.perf_counter() - t0
             return
         if not self.local_sgd:
             return
@@ -524,7 +525,11 @@ class Trainer:
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
         planned, self.vote_every = int(agreed[0].item()), int(agreed[1].item())
         total = planned if cap is None else min(cap, planned)
-        self.total_steps = max(total, self.step + 1)
+        # past the plan, the schedule ends with the next step; a capped run that has reached its
+        # cap (a vote on its last step) keeps the cap as its plan
+        self.total_steps = (
+            cap if cap is not None and self.step >= cap else max(total, self.step + 1)
+        )
         return bool(agreed[2].item() < 0)
 
     def _vote(self, start: float, launch: tuple[float, int], cap: int | None) -> bool:
@@ -748,13 +753,11 @@ class Trainer:
         # gradient exchange inside them); under DDP, on probe steps, the time the all-reduce
         # adds to the same forward + backward without it, as a share of those steps' time.
         comm_fraction = math.nan
-        outside = self.comm_seconds if self.local_sgd else 0.0  # not in step_seconds
-        if self.local_sgd:
+        outside = self.comm_seconds if self.local_sgd or self.shared else 0.0  # not in steps
+        if self.local_sgd or self.shared:
             comm_fraction = self.comm_seconds / max(step_seconds + self.comm_seconds, 1e-9)
         elif self.exchange_rows:
             comm_fraction = min(1.0, self.comm_seconds / max(step_seconds, 1e-9))
-        elif self.shared:
-            comm_fraction = 0.0  # one memory: nothing travels
         elif probe_steps_seconds > 0:
             comm = max(0.0, probe_fwd_bwd - probe_seconds)
             comm_fraction = min(1.0, comm / probe_steps_seconds)
@@ -810,7 +813,12 @@ class Trainer:
     def _save(self, result: dict[str, Any]) -> None:
         out = Path(self.spec.out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().to("cpu", torch.float32) for k, v in self.model.state_dict().items()}
+        # cloned: a shared run's weights are views of one mapping that holds the optimizer
+        # state too, and torch.save would write the whole of it
+        state = {
+            k: v.detach().to("cpu", torch.float32).clone()
+            for k, v in self.model.state_dict().items()
+        }
         payload = {
             "state_dict": state,
             "model_spec": self.model_spec.to_dict(),

@@ -245,6 +245,10 @@ def test_user_csv_folder_flow(spark, in_tmp, empty_store, capsys):
     assert params["auto.batch_size"] == params["batch_size"]
     assert float(params["auto.lr.lambda_max"]) > 0 and float(params["auto.batch_size.sigma2"]) > 0
     assert params["auto.precision"] in ("fp32", "bf16")
+    # two numba workers: the mode from the kernel's measured pace (8 s are room enough here to
+    # converge, so the replicas are averaged), and that mode is what ran
+    assert float(params["auto.mode.kernel_samples_per_s"]) > 0
+    assert params["auto.mode"] == params["mode"] == "local_sgd" and params["sync"] == "average"
     assert "auto_plan.json" in {a.path for a in client.list_artifacts(train_run.info.run_id)}
     assert "generate" not in data["stages"]
     assert data["stages"]["ingest"]["rows_in"] == 2103

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +27,7 @@ from trainers import trainer as trainer_module
 from trainers.launch import launch_distributor, launch_processes
 from trainers.model import UnsafeFile
 from trainers.predictor import Predictor
+from trainers.shared import DIR_ENV
 from trainers.spec import TrainSpec
 from trainers.trainer import FAULT_RANK_ENV, FAULT_STEP_ENV, STOP_CHECK_EVERY, Trainer, lr_factor
 
@@ -209,8 +209,8 @@ def test_convergence_stops_early_only_when_allowed(shards, tmp_path):
 
 
 def test_a_budget_run_decays_its_learning_rate_over_the_budget(shards, tmp_path):
-    """No epoch cap: the schedule is planned from the step time measured after a warm-up and
-    after each evaluation, so the learning rate reaches about zero as the budget runs out."""
+    """No epoch cap: the schedule is planned from the step time measured after a warm-up, at
+    every stop vote and after each evaluation, so the learning rate reaches about zero as the budget runs out."""
     cfg, shard_dir = shards
     spec = _spec(cfg, shard_dir, tmp_path, world_size=1, epochs=None, time_budget_s=2.0,
                  batch_size=8, checkpoint_every=0, lr_schedule="linear", lr=0.4)  # fmt: skip
@@ -292,7 +292,7 @@ def test_the_numba_kernel_learns_as_the_torch_loop_does(shards, tmp_path):
 @pytest.mark.parametrize(
     ("kernel", "mode", "precision", "ran"),
     [("torch", "sync", "bf16", ("torch", "exchange")),  # the sync machinery
-     ("auto", "auto", "fp32", ("numba", "shared"))],  # the defaults on a CPU
+     ("auto", "auto", "fp32", ("numba", "average"))],  # the defaults on a CPU
 )  # fmt: skip
 def test_all_ranks_stop_at_the_same_step_under_a_budget(
     shards, tmp_path, kernel, mode, precision, ran
@@ -327,33 +327,36 @@ def test_local_sgd_averages_the_replicas(shards, tmp_path, kernel):
     assert 0 < result["comm_fraction"] < 1
 
 
-def _mappings() -> set[Path]:
-    return {p for d in (Path("/dev/shm"), Path(tempfile.gettempdir())) if d.is_dir()
-            for p in d.glob("zipfline-weights-*")}  # fmt: skip
-
-
 def test_shared_mode_trains_one_copy_and_resumes_after_a_killed_rank(shards, tmp_path, monkeypatch):
-    """train.mode=shared: two numba workers update one copy of the weights (Hogwild!), so
-    nothing is sent and both end with the same weights; a rank killed mid-epoch fails the run,
-    the rerun resumes from the checkpoint, and no mapping file is left behind either time."""
+    """train.mode=shared: two numba workers update one copy of the weights (Hogwild!) and end
+    with the same weights; a rank killed mid-epoch fails the run, the rerun resumes from the
+    checkpoint, and the mapping's file is gone both times."""
     cfg, shard_dir = shards
-    before = _mappings()
-    spec = _spec(cfg, shard_dir, tmp_path, world_size=2, mode="shared", kernel="numba",
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    monkeypatch.setenv(DIR_ENV, str(maps))  # the workers inherit it: their file goes there
+    spec = _spec(cfg, shard_dir, tmp_path / "out", world_size=2, mode="shared", kernel="numba",
                  epochs=3, batch_size=16, checkpoint_every=10, time_budget_s=60)  # fmt: skip
     monkeypatch.setenv(FAULT_RANK_ENV, "1")
     monkeypatch.setenv(FAULT_STEP_ENV, "25")
     with pytest.raises(StageError, match="rerun to resume"):
         launch_processes(spec)
-    assert _mappings() == before
+    assert list(maps.iterdir()) == []
     monkeypatch.delenv(FAULT_RANK_ENV)
     result = launch_processes(spec)
     assert result["resumed_from_step"] == 20 and result["stopped_by"] == "epochs"
-    assert (result["sync"], result["bytes_per_step"], result["comm_fraction"]) == ("shared", 0, 0)
-    ranks = _ranks(tmp_path)
+    assert result["sync"] == "shared" and result["sync_reason"] == "train.mode=shared"
+    assert 0 <= result["comm_fraction"] < 1  # waits at the meetings
+    ranks = _ranks(tmp_path / "out")
     assert ranks[0]["steps"] == ranks[1]["steps"] == result["steps"]
     assert ranks[0]["param_checksum"] == ranks[1]["param_checksum"]  # one copy
     assert result["val_accuracy"] > 0.6
-    assert _mappings() == before
+    assert list(maps.iterdir()) == []
+    # no room where the mapping must go: local SGD instead, saying why
+    monkeypatch.setenv(DIR_ENV, str(tmp_path / "missing"))
+    fallback = launch_processes(_spec(cfg, shard_dir, tmp_path / "fallback", world_size=2,
+                                      mode="shared", kernel="numba", epochs=1))  # fmt: skip
+    assert fallback["sync"] == "average" and "no room for" in fallback["sync_reason"]
 
 
 def test_distributor_reports_a_killed_rank_and_the_rerun_resumes(shards, tmp_path, monkeypatch):

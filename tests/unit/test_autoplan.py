@@ -10,12 +10,15 @@ import pytest
 import torch
 
 from trainers.autoplan import (
+    EPOCHS_TO_CONVERGE,
     Probe,
     chebyshev_batch,
+    choose_mode,
     example_grads_of,
     gradient_noise,
     hvp_double_backward,
     hvp_finite_difference,
+    kernel_samples_per_s,
     plan,
     top_eigenvalue,
 )
@@ -164,3 +167,31 @@ def test_the_plan_says_what_it_measured_and_caps_plain_sgd():
     # Adagrad scales its own steps: the cap is reported, the rate kept
     adagrad = {c.setting: c for c in plan(model, batch, optimizer="adagrad", lr=0.5, **kwargs)}
     assert adagrad["train.lr"].value == 0.5 and "reported only" in adagrad["train.lr"].why
+
+
+def test_the_mode_is_shared_only_where_the_budget_binds():
+    # 100k samples/s over 1M rows: 60 s afford 6 epochs (under 10: shared), 120 s afford 12
+    tight = choose_mode(100_000, 1_000_000, 60, world_size=2)
+    assert (tight.setting, tight.value) == ("train.mode", "shared")
+    assert tight.measured["epochs_in_budget"] == pytest.approx(6.0) and EPOCHS_TO_CONVERGE == 10
+    assert "the budget binds" in tight.why
+    roomy = choose_mode(100_000, 1_000_000, 120, world_size=2)
+    assert roomy.value == "local_sgd" and roomy.measured["epochs_in_budget"] == pytest.approx(12)
+
+
+def test_the_kernel_is_timed_on_copies_of_the_weights():
+    from trainers.data import ShardData
+
+    model, _ = _model_and_batch(hidden=())
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 6, 200)
+    data = ShardData(
+        ids=rng.integers(0, model.embedding.weight.shape[0], int(lengths.sum())).astype(np.int32),
+        row_offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        labels=rng.integers(0, model.output.weight.shape[0], 200),
+        weights=np.ones(200, dtype=np.float32),
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    sps = kernel_samples_per_s(model, data, np.arange(200), "rowwise_adagrad")
+    assert sps > 1000
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))

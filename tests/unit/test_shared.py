@@ -24,6 +24,7 @@ def _rank(rank: int, store_path: str, folder: str, out: str) -> None:
         still_own = float(weight.sum())
         why_not = share_tensors([weight, state], folders=(Path(folder),))
         seen = {"initial": float(weight.sum()) + float(state.sum())}
+        dist.barrier()  # both have read the initial values before rank 1 writes
         if rank == 1:
             with torch.no_grad():
                 weight[1, 2] = 42.0  # what the numba kernel does: writes through .numpy() too

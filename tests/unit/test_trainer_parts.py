@@ -117,7 +117,7 @@ def test_kernel_selection_says_what_runs_and_why():
         (auto, "cpu", (32,), 1, "linear model"),
         (TrainConfig(precision="bf16", kernel="auto"), "cpu", (), 1, "fp32 or fp64"),
         (TrainConfig(optimizer="sparse_adam", kernel="auto"), "cpu", (), 1, "sgd and adagrad"),
-        (TrainConfig(mode="sync", kernel="auto"), "cpu", (), 2, "local_sgd or auto"),
+        (TrainConfig(mode="sync", kernel="auto"), "cpu", (), 2, "local_sgd, shared or auto"),
     ):
         kernel, reason = select_kernel(cfg, device, hidden, world)
         assert kernel == "torch" and why in reason
@@ -133,9 +133,9 @@ def test_kernel_selection_says_what_runs_and_why():
 def test_sync_selection_exchanges_rows_on_cpu_and_leaves_gpus_to_ddp():
     assert select_sync("sync", "torch", "cpu") == "exchange"
     assert select_sync("auto", "torch", "cpu") == "exchange"  # auto is sync for the torch loop
-    assert select_sync("auto", "numba", "cpu") == "average"  # one worker: nothing to share
-    assert select_sync("auto", "numba", "cpu", 2) == "shared"  # workers share one copy
-    assert select_sync("shared", "numba", "cpu", 2) == "shared"
+    assert select_sync("auto", "numba", "cpu", 2) == "average"  # and averaging for the kernel
+    assert select_sync("shared", "numba", "cpu", 2) == "shared"  # one copy, when asked for
+    assert select_sync("shared", "numba", "cpu", 1) == "average"  # one worker: nothing to share
     assert select_sync("local_sgd", "numba", "cpu", 2) == "average"  # asked for
     assert select_sync("sync", "torch", "cuda") == "ddp"
     assert select_sync("local_sgd", "torch", "cuda") == "average"
@@ -153,8 +153,8 @@ def test_stop_votes_come_about_every_50_ms_and_at_least_every_8_steps():
 
 
 def test_auto_settings_resolve_to_the_loop_and_mode_that_run():
-    assert what_runs(TrainConfig(), "cpu", ()) == ("numba", "shared")  # the defaults
-    assert what_runs(TrainConfig(world_size=1), "cpu", ()) == ("numba", "local_sgd")
+    assert what_runs(TrainConfig(), "cpu", ()) == ("numba", "local_sgd")  # the defaults
+    assert what_runs(TrainConfig(mode="shared"), "cpu", ()) == ("numba", "shared")
     assert what_runs(TrainConfig(), "cuda", ()) == ("torch", "sync")
     assert what_runs(TrainConfig(), "cpu", (32,)) == ("torch", "sync")  # a hidden layer
     assert what_runs(TrainConfig(mode="sync"), "cpu", ()) == ("torch", "sync")  # 2 workers
