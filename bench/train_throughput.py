@@ -108,6 +108,7 @@ def main() -> None:
           for w in counts],
         *[("numba rowwise_adagrad local_sgd", "fp32", w, {"kernel": "numba", "mode": "local_sgd"})
           for w in counts[1:2]],
+        ("numba rowwise_adagrad lr 0.1", "fp32", 1, {"kernel": "numba", "lr": 0.1}),
         ("numba sgd", "fp32", 1, {"kernel": "numba", "optimizer": "sgd", "lr": 0.5}),
         *[("torch sync", "fp32", w, {"kernel": "torch", "mode": "sync"}) for w in counts[:2]],
         ("torch sync", "bf16", 1, {"kernel": "torch", "mode": "sync", "precision": "bf16"}),
