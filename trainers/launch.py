@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from core.config import TrainConfig
 from core.errors import StageError
 from trainers.spec import TrainSpec
 from trainers.trainer import RESULT_FILE, Trainer, select_device
@@ -85,16 +86,23 @@ def _loopback_env(local_mode: bool):  # noqa: ANN202
                 os.environ[key] = value
 
 
+def distributor_for(t: TrainConfig):  # noqa: ANN201 (pyspark.ml is imported only here)
+    """The run's TorchDistributor: ``train.world_size`` processes, on the driver
+    (``train.local_mode``) or as barrier tasks on the executors. With ``train.use_gpu`` on a
+    cluster, each task asks for ``spark.task.resource.gpu.amount`` GPUs; Spark hands it
+    addresses its workers found with their discovery script, the distributor makes them the
+    task's ``CUDA_VISIBLE_DEVICES``, and the worker takes ``cuda:<local rank>`` among them."""
+    from pyspark.ml.torch.distributor import TorchDistributor  # pyspark.ml: only when training
+
+    return TorchDistributor(num_processes=t.world_size, local_mode=t.local_mode, use_gpu=t.use_gpu)
+
+
 def launch_distributor(spec: TrainSpec) -> dict[str, Any]:
     """Run :func:`train_worker` on ``train.world_size`` processes through Spark's
     TorchDistributor (``train.local_mode``: on the driver, else as barrier tasks; GPUs when
     ``train.use_gpu``) and return rank 0's result."""
-    from pyspark.ml.torch.distributor import TorchDistributor  # pyspark.ml: only when training
-
     t = spec.train
-    distributor = TorchDistributor(
-        num_processes=t.world_size, local_mode=t.local_mode, use_gpu=t.use_gpu
-    )
+    distributor = distributor_for(t)
     with _loopback_env(t.local_mode):
         try:
             distributor.run(train_worker, spec)
