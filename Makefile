@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 STORE ?= sqlite:///mlflow.db
 PORT ?= 5000
 
-.PHONY: demo test test-fast lint format ui java wordnet clean
+.PHONY: demo test test-fast lint format ui java wordnet clean cluster-up cluster-down cluster-demo
+CLUSTER ?= cluster
 WORDNET ?= /usr/share/wordnet
 
 # The venv is (re)installed when pyproject.toml changes.
@@ -54,6 +55,23 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff check --fix core querylog pipelines jobs trainers data_quality tests bench
 	$(BIN)/ruff format core querylog pipelines jobs trainers data_quality tests bench
+
+# A Spark standalone master and 2 workers, a Dask scheduler and 2 workers, an MLflow server, all
+# on 127.0.0.1; pids, logs and stores in $(CLUSTER)/. conf/cluster/ points at them.
+cluster-up: $(STAMP) java
+	$(BIN)/python -m pipelines.cluster up --dir $(CLUSTER)
+
+cluster-down: $(STAMP)
+	$(BIN)/python -m pipelines.cluster down --dir $(CLUSTER)
+
+# The whole pipeline submitted to the standalone master: stages as Spark jobs on its executors,
+# training as TorchDistributor barrier tasks, reference runs on Dask, tracking on the server.
+cluster-demo: $(STAMP) java
+	SPARK_LOCAL_IP=127.0.0.1 PYSPARK_PYTHON=$(abspath $(BIN)/python) \
+	  $(BIN)/spark-submit --master spark://127.0.0.1:7077 --conf spark.driver.host=127.0.0.1 \
+	  --conf spark.driver.bindAddress=127.0.0.1 --conf spark.executor.memory=1g \
+	  --conf spark.ui.enabled=false pipelines/cli.py run --env cluster \
+	  --set data.root=$(abspath $(CLUSTER))/data
 
 ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri $(STORE) --host 127.0.0.1 --port $(PORT)

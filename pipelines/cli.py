@@ -300,10 +300,17 @@ def format_summary(summary, cfg: Config) -> str:  # noqa: ANN001
         f"MLflow run {summary.run_id} ({summary.seconds:.0f}s)  store {uri}",
         f"data:     {Path(cfg.data.root).resolve() / summary.run_date}",
         "report:   zipfline report        (or --json)",
-        f"UI:       make ui   (mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, "
-        f"then http://127.0.0.1:5000/#/experiments/{summary.experiment_id}/runs/{summary.run_id}"
-        "?workflowType=machine_learning)",
     ]
+    page = (
+        f"#/experiments/{summary.experiment_id}/runs/{summary.run_id}?workflowType=machine_learning"
+    )
+    if uri.startswith(("http://", "https://")):  # a tracking server is its own UI
+        lines.append(f"UI:       {uri.rstrip('/')}/{page}")
+    else:
+        lines.append(
+            f"UI:       make ui   (mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port "
+            f"5000, then http://127.0.0.1:5000/{page})"
+        )
     return "\n".join(lines)
 
 

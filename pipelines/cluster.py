@@ -1,0 +1,228 @@
+"""A cluster on this machine: ``make cluster-up`` / ``make cluster-down``.
+
+``python -m pipelines.cluster up [--dir DIR]`` starts, all bound to 127.0.0.1:
+
+- a Spark standalone master (port 7077) and 2 workers (1 core and ``--worker-memory`` each, a
+  work directory of its own), from the pip package's ``bin/spark-class``;
+- a Dask scheduler (port 8786) and 2 workers (1 thread each);
+- an MLflow tracking server (port 5000) on sqlite, serving its artifacts from ``DIR``.
+
+Each process runs in its own session with its pid in ``DIR/pids/`` and its output in
+``DIR/logs/``; ``up`` returns once every port answers and prints what ``conf/cluster/`` points
+at. ``down`` stops them (SIGTERM to each process group, SIGKILL after a grace period). The
+driver, executors and Dask workers share this machine's file system, so ``data.root`` needs no
+shared mount here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HOST = "127.0.0.1"
+SPARK_PORT, SPARK_UI_PORT, DASK_PORT, MLFLOW_PORT = 7077, 8080, 8786, 5000
+DEFAULT_DIR = Path("cluster")
+START_TIMEOUT_S = 120
+STOP_GRACE_S = 10
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    argv: list[str]
+    port: int | None  # answers here once up (None: checked by its master instead)
+
+
+def spark_home() -> Path:
+    import pyspark
+
+    return Path(pyspark.__file__).resolve().parent
+
+
+def services(run_dir: Path, worker_memory: str) -> list[Service]:
+    bin_dir = Path(sys.executable).parent
+    spark_class = str(spark_home() / "bin" / "spark-class")
+    master = f"spark://{HOST}:{SPARK_PORT}"
+    out = [
+        Service(
+            "spark-master",
+            [
+                spark_class,
+                "org.apache.spark.deploy.master.Master",
+                "--host",
+                HOST,
+                "--port",
+                str(SPARK_PORT),
+                "--webui-port",
+                str(SPARK_UI_PORT),
+            ],
+            SPARK_PORT,
+        ),  # fmt: skip
+    ]
+    for i in (1, 2):
+        work = run_dir / f"spark-worker-{i}"
+        out.append(Service(f"spark-worker-{i}", [
+            spark_class, "org.apache.spark.deploy.worker.Worker", master, "--host", HOST,
+            "--cores", "1", "--memory", worker_memory, "--work-dir", str(work),
+            "--webui-port", "0",
+        ], None))  # fmt: skip
+    out.append(Service("dask-scheduler", [str(bin_dir / "dask"), "scheduler", "--host", HOST,
+                                          "--port", str(DASK_PORT), "--dashboard-address",
+                                          f"{HOST}:0"], DASK_PORT))  # fmt: skip
+    for i in (1, 2):
+        out.append(Service(f"dask-worker-{i}", [
+            str(bin_dir / "dask"), "worker", f"tcp://{HOST}:{DASK_PORT}", "--host", HOST,
+            "--nthreads", "1", "--nworkers", "1", "--dashboard-address", f"{HOST}:0",
+            "--local-directory", str(run_dir / f"dask-worker-{i}"),
+        ], None))  # fmt: skip
+    out.append(Service("mlflow", [
+        str(bin_dir / "mlflow"), "server", "--host", HOST, "--port", str(MLFLOW_PORT),
+        "--backend-store-uri", f"sqlite:///{run_dir / 'mlflow.db'}",
+        "--artifacts-destination", str(run_dir / "mlartifacts"), "--workers", "1",
+    ], MLFLOW_PORT))  # fmt: skip
+    return out
+
+
+def _answers(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((HOST, port)) == 0
+
+
+def _pid_file(run_dir: Path, name: str) -> Path:
+    return run_dir / "pids" / f"{name}.pid"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def running(run_dir: Path) -> dict[str, int]:
+    """The services of ``run_dir`` whose process is alive, by name."""
+    alive = {}
+    for path in sorted((run_dir / "pids").glob("*.pid")):
+        pid = int(path.read_text())
+        if _alive(pid):
+            alive[path.stem] = pid
+    return alive
+
+
+def up(run_dir: Path, worker_memory: str = "2g") -> None:
+    run_dir = run_dir.resolve()
+    if running(run_dir):
+        raise SystemExit(f"cluster: already up in {run_dir} ({', '.join(running(run_dir))}); "
+                         "make cluster-down first")  # fmt: skip
+    busy = [p for p in (SPARK_PORT, DASK_PORT, MLFLOW_PORT) if _answers(p)]
+    if busy:
+        raise SystemExit(f"cluster: ports {busy} on {HOST} are taken by something else")
+    for sub in ("pids", "logs"):
+        (run_dir / sub).mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "SPARK_LOCAL_IP": HOST, "SPARK_MASTER_HOST": HOST,
+           "PYSPARK_PYTHON": sys.executable}  # fmt: skip
+    started = []
+    for service in services(run_dir, worker_memory):
+        for folder in service.argv:  # the work and local directories
+            if folder.startswith(str(run_dir)) and not folder.endswith(".db"):
+                Path(folder).mkdir(parents=True, exist_ok=True)
+        log = (run_dir / "logs" / f"{service.name}.log").open("ab")
+        proc = subprocess.Popen(service.argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True, cwd=run_dir)  # fmt: skip
+        _pid_file(run_dir, service.name).write_text(str(proc.pid))
+        started.append((service, proc))
+        if service.port is not None:
+            _wait_for(service, proc, run_dir)
+    _wait_for_workers(run_dir, started)
+    print(f"cluster: up in {run_dir} (pids in pids/, logs in logs/)")
+    print(f"  spark://{HOST}:{SPARK_PORT}  (UI http://{HOST}:{SPARK_UI_PORT})")
+    print(f"  dask   tcp://{HOST}:{DASK_PORT}")
+    print(f"  mlflow http://{HOST}:{MLFLOW_PORT}")
+
+
+def _wait_for(service: Service, proc: subprocess.Popen, run_dir: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not _answers(service.port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            down(run_dir, quiet=True)
+            raise SystemExit(f"cluster: {service.name} did not start; see "
+                             f"{run_dir / 'logs' / (service.name + '.log')}")  # fmt: skip
+        time.sleep(0.3)
+
+
+def _wait_for_workers(run_dir: Path, started: list) -> None:
+    """Until every Spark and Dask worker says in its log that it registered with its master."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    workers = [(s, p) for s, p in started if s.name.startswith(("spark-worker", "dask-worker"))]
+    while True:
+        pending = []
+        for service, proc in workers:
+            text = (run_dir / "logs" / f"{service.name}.log").read_text(errors="replace")
+            if proc.poll() is not None or time.monotonic() > deadline:
+                down(run_dir, quiet=True)
+                raise SystemExit(f"cluster: {service.name} did not start; see "
+                                 f"{run_dir / 'logs' / (service.name + '.log')}")  # fmt: skip
+            if ("Successfully registered with master" not in text
+                    and "Registered to:" not in text):  # fmt: skip
+                pending.append(service.name)
+        if not pending:
+            return
+        time.sleep(0.3)
+
+
+def down(run_dir: Path, quiet: bool = False) -> None:
+    run_dir = run_dir.resolve()
+    alive = running(run_dir)
+    for pid in alive.values():
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + STOP_GRACE_S
+    while any(_alive(p) for p in alive.values()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in alive.values():
+        if _alive(pid):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for path in (run_dir / "pids").glob("*.pid"):
+        path.unlink()
+    if not quiet:
+        print(f"cluster: down ({len(alive)} processes stopped; logs kept in {run_dir / 'logs'})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.cluster", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("action", choices=["up", "down", "status"])
+    parser.add_argument(
+        "--dir", type=Path, default=DEFAULT_DIR, help="the run folder (pids, logs, stores)"
+    )
+    parser.add_argument("--worker-memory", default="2g", help="memory of each Spark worker")
+    args = parser.parse_args(argv)
+    if args.action == "up":
+        up(args.dir, args.worker_memory)
+    elif args.action == "down":
+        down(args.dir)
+    else:
+        alive = running(args.dir.resolve())
+        print("\n".join(f"{name} {pid}" for name, pid in alive.items()) or "cluster: not up")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
