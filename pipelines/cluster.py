@@ -41,7 +41,7 @@ class Service:
 
 
 def spark_home() -> Path:
-    import pyspark
+    import pyspark  # start-up speed: only to find the Spark scripts
 
     return Path(pyspark.__file__).resolve().parent
 

@@ -77,9 +77,33 @@ def test_env_overlay_merges_over_base(tmp_path):
         load_config("staging", conf_dir=tmp_path)
 
 
-def test_cluster_overlay_is_valid():
+def test_cluster_overlay_points_at_what_make_cluster_up_starts():
+    from pipelines import cluster
+
     cfg = load_config("cluster", conf_dir=REPO_CONF)
     assert cfg.train.local_mode is False
+    assert cfg.tracking.uri == f"http://{cluster.HOST}:{cluster.MLFLOW_PORT}"
+    assert cfg.eval.dask_scheduler == f"tcp://{cluster.HOST}:{cluster.DASK_PORT}"
+
+
+def test_every_cluster_process_binds_to_loopback(tmp_path):
+    from pipelines import cluster
+
+    started = cluster.services(tmp_path, "1g")
+    assert [s.name for s in started] == [
+        "spark-master", "spark-worker-1", "spark-worker-2", "dask-scheduler", "dask-worker-1",
+        "dask-worker-2", "mlflow",
+    ]  # fmt: skip
+    for service in started:
+        argv = service.argv
+        assert argv[argv.index("--host") + 1] == "127.0.0.1", service.name
+        # no listener left to its default address (0.0.0.0): the Dask dashboards included
+        for flag in ("--dashboard-address",):
+            if flag in argv:
+                assert argv[argv.index(flag) + 1].startswith("127.0.0.1:"), service.name
+    work = [s.argv[s.argv.index("--work-dir") + 1] for s in started if "--work-dir" in s.argv]
+    assert len(set(work)) == 2 and all(w.startswith(str(tmp_path)) for w in work)
+    assert cluster.running(tmp_path) == {}
 
 
 def test_yaml_must_be_safe(tmp_path):
