@@ -30,6 +30,12 @@ def clear_stale(target: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(True)
 
 
+def leftovers(root: Path) -> list[Path]:
+    """Temporary siblings anywhere under ``root`` (``.<name>.tmp-…``, ``.<name>.old-…``): what a
+    killed writer leaves until the next write of the same target clears it."""
+    return sorted(p for p in root.rglob(".*") if ".tmp-" in p.name or ".old-" in p.name)
+
+
 def replace_dir(tmp: Path, target: Path) -> None:
     """Move the finished folder ``tmp`` to ``target``, replacing what was there."""
     if target.exists():

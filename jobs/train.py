@@ -17,7 +17,7 @@ if not __package__:  # started as a script by spark-submit: the project, not job
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # (jobs/select.py would hide `select`)
 
 from core.layout import CHECKPOINT_DIR, PYFUNC_DIR, TRAIN_SPEC_FILE, RunContext, StageResult
-from trainers.data import load_manifest
+from trainers.data import check_shards, load_manifest
 from trainers.launch import launch_distributor, launch_processes
 from trainers.serving import save_pyfunc
 from trainers.spec import TrainSpec
@@ -35,6 +35,7 @@ TRAIN_METRICS = (
 def run(ctx: RunContext, out: Path) -> StageResult:
     shard_dir = ctx.require("shard")
     manifest = load_manifest(shard_dir)
+    check_shards(shard_dir, manifest)
     # Checkpoints live outside the stage folder while training runs, so that a rerun after a
     # failure (with or without --force) resumes; a finished run moves them into its output.
     checkpoints = ctx.run_dir / CHECKPOINT_DIR

@@ -90,6 +90,15 @@ def services(run_dir: Path, worker_memory: str) -> list[Service]:
     return out
 
 
+def environment() -> dict[str, str]:
+    """What every process of the cluster runs with: Spark's daemons and web UIs, the executors'
+    Python workers and their gloo sockets on loopback; MLflow without its job runner (whose
+    consumers would outlive ``down``)."""
+    return {**os.environ, "SPARK_LOCAL_IP": HOST, "SPARK_MASTER_HOST": HOST,
+            "PYSPARK_PYTHON": sys.executable, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # fmt: skip
+
+
 def _answers(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
@@ -100,9 +109,20 @@ def _pid_file(run_dir: Path, name: str) -> Path:
     return run_dir / "pids" / f"{name}.pid"
 
 
-def _alive(pid: int) -> bool:
+def _start_time(pid: int) -> str | None:
+    """When ``pid`` started (clock ticks since boot), or None where no such process is: with the
+    pid, it names a process that a reused pid cannot pass for."""
     try:
-        os.kill(pid, 0)
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the name before it may hold spaces
+
+
+def _group_alive(pgid: int) -> bool:
+    """Any process left in the group (the leader may have gone before its children)."""
+    try:
+        os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
@@ -111,11 +131,17 @@ def _alive(pid: int) -> bool:
 
 
 def running(run_dir: Path) -> dict[str, int]:
-    """The services of ``run_dir`` whose process is alive, by name."""
+    """The services of ``run_dir`` whose process group is still there, by name: a pid file
+    names the group's leader and its start time, so a pid the system has since given to
+    another process does not count (unless the group itself lives on without its leader)."""
     alive = {}
     for path in sorted((run_dir / "pids").glob("*.pid")):
-        pid = int(path.read_text())
-        if _alive(pid):
+        pid_text, _, started = path.read_text().partition(" ")
+        pid = int(pid_text)
+        now = _start_time(pid)
+        if now is not None and now != started.strip():
+            continue  # the pid is someone else's now
+        if _group_alive(pid):
             alive[path.stem] = pid
     return alive
 
@@ -125,22 +151,21 @@ def up(run_dir: Path, worker_memory: str = "2g") -> None:
     if running(run_dir):
         raise SystemExit(f"cluster: already up in {run_dir} ({', '.join(running(run_dir))}); "
                          "make cluster-down first")  # fmt: skip
-    busy = [p for p in (SPARK_PORT, DASK_PORT, MLFLOW_PORT) if _answers(p)]
+    busy = [p for p in (SPARK_PORT, SPARK_UI_PORT, DASK_PORT, MLFLOW_PORT) if _answers(p)]
     if busy:
         raise SystemExit(f"cluster: ports {busy} on {HOST} are taken by something else")
     for sub in ("pids", "logs"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "SPARK_LOCAL_IP": HOST, "SPARK_MASTER_HOST": HOST,
-           "PYSPARK_PYTHON": sys.executable}  # fmt: skip
+    env = environment()
     started = []
     for service in services(run_dir, worker_memory):
         for folder in service.argv:  # the work and local directories
             if folder.startswith(str(run_dir)) and not folder.endswith(".db"):
                 Path(folder).mkdir(parents=True, exist_ok=True)
-        log = (run_dir / "logs" / f"{service.name}.log").open("ab")
+        log = (run_dir / "logs" / f"{service.name}.log").open("wb")  # fresh: read for readiness
         proc = subprocess.Popen(service.argv, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True, cwd=run_dir)  # fmt: skip
-        _pid_file(run_dir, service.name).write_text(str(proc.pid))
+        _pid_file(run_dir, service.name).write_text(f"{proc.pid} {_start_time(proc.pid)}")
         started.append((service, proc))
         if service.port is not None:
             _wait_for(service, proc, run_dir)
@@ -181,27 +206,41 @@ def _wait_for_workers(run_dir: Path, started: list) -> None:
         time.sleep(0.3)
 
 
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def down(run_dir: Path, quiet: bool = False) -> None:
+    """SIGTERM to every service's process group, SIGKILL to any group still there after the
+    grace period; the pid files go, the logs stay."""
     run_dir = run_dir.resolve()
     alive = running(run_dir)
-    for pid in alive.values():
-        try:
-            os.killpg(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+    for pgid in alive.values():
+        _signal_group(pgid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_GRACE_S
-    while any(_alive(p) for p in alive.values()) and time.monotonic() < deadline:
+    while any(_group_alive(g) for g in alive.values()) and time.monotonic() < deadline:
+        _reap()
         time.sleep(0.2)
-    for pid in alive.values():
-        if _alive(pid):
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    for pgid in alive.values():
+        if _group_alive(pgid):
+            _signal_group(pgid, signal.SIGKILL)
     for path in (run_dir / "pids").glob("*.pid"):
         path.unlink()
     if not quiet:
-        print(f"cluster: down ({len(alive)} processes stopped; logs kept in {run_dir / 'logs'})")
+        print(f"cluster: down ({len(alive)} services stopped; logs kept in {run_dir / 'logs'})")
+
+
+def _reap() -> None:
+    """Collect children of this process that have exited (``up`` failing part-way), so that
+    they do not linger as zombies that still count as alive."""
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+    except ChildProcessError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,6 +82,25 @@ class ShardData:
         )
 
 
+def check_shard(shard_dir: Path, entry: dict[str, Any]) -> Path:
+    """The shard file of a manifest entry, refused when its sha256 is not the manifest's."""
+    path = shard_dir / entry["path"]
+    if sha256_of(path) != entry["sha256"]:
+        raise DataError(
+            f"{path}: sha256 does not match the manifest (the shard changed after it was "
+            "written); rerun the shard stage (--from shard --force)"
+        )
+    return path
+
+
+def check_shards(shard_dir: Path, manifest: dict[str, Any]) -> None:
+    """Every shard of every split against the manifest: on the driver, before any training
+    process starts, so that a changed shard fails the stage in one line naming the file."""
+    for split in manifest["splits"].values():
+        for entry in split["files"]:
+            check_shard(shard_dir, entry)
+
+
 def read_split(
     shard_dir: Path, split: str, rank: int, world_size: int, *, verify: bool = True
 ) -> ShardData:
@@ -93,12 +112,7 @@ def read_split(
     mine = entries[rank::world_size] if by_file else entries
     tables = []
     for entry in mine:
-        path = shard_dir / entry["path"]
-        if verify and sha256_of(path) != entry["sha256"]:
-            raise DataError(
-                f"{path}: sha256 does not match the manifest (the shard changed after it was "
-                "written); rerun the shard stage (--from shard --force)"
-            )
+        path = check_shard(shard_dir, entry) if verify else shard_dir / entry["path"]
         tables.append(pq.read_table(path, columns=["ids", "label", "weight"]))
     table = pa.concat_tables(tables) if tables else pa.table(
         {"ids": pa.array([], pa.list_(pa.int32())), "label": pa.array([], pa.int32()),

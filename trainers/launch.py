@@ -12,7 +12,9 @@ import dataclasses
 import json
 import os
 import socket
+import socketserver
 import sys
+import threading
 import warnings
 from contextlib import contextmanager
 from datetime import timedelta
@@ -86,15 +88,49 @@ def _loopback_env(local_mode: bool):  # noqa: ANN202
                 os.environ[key] = value
 
 
+def _driver_host_log_server():  # noqa: ANN202 (pyspark.ml is imported only when training)
+    """pyspark's barrier-mode log server listens on 0.0.0.0 whatever the driver's address; this
+    one listens on the address it is given (``spark.driver.host``), and nowhere else."""
+    from pyspark.ml.torch import log_communication as logs  # start-up speed: when training
+
+    class DriverHostLogServer(logs.LogStreamingServer):
+        def start(self, spark_host_address: str = "") -> None:
+            if self.server:
+                raise RuntimeError("Cannot start the server twice.")
+            host = spark_host_address or "127.0.0.1"
+            self.port = self._get_free_port(host)
+            ready = threading.Event()
+
+            def serve() -> None:
+                with socketserver.ThreadingTCPServer(
+                    (host, self.port), logs.WriteLogToStdout
+                ) as srv:
+                    self.server, srv.is_active = srv, True
+                    ready.set()
+                    srv.serve_forever(poll_interval=logs._SERVER_POLL_INTERVAL)
+
+            self.serve_thread = threading.Thread(target=serve, daemon=True)
+            self.serve_thread.start()
+            ready.wait(timeout=30)
+
+    return DriverHostLogServer
+
+
 def distributor_for(t: TrainConfig):  # noqa: ANN201 (pyspark.ml is imported only here)
     """The run's TorchDistributor: ``train.world_size`` processes, on the driver
     (``train.local_mode``) or as barrier tasks on the executors. With ``train.use_gpu`` on a
     cluster, each task asks for ``spark.task.resource.gpu.amount`` GPUs; Spark hands it
     addresses its workers found with their discovery script, the distributor makes them the
-    task's ``CUDA_VISIBLE_DEVICES``, and the worker takes ``cuda:<local rank>`` among them."""
-    from pyspark.ml.torch.distributor import TorchDistributor  # pyspark.ml: only when training
+    task's ``CUDA_VISIBLE_DEVICES``, and the worker takes ``cuda:<local rank>`` among them. In
+    barrier mode the tasks' output comes back through a log server on the driver, which listens
+    on ``spark.driver.host`` only (pyspark's own listens on every address)."""
+    from pyspark.ml.torch import distributor  # pyspark.ml: only when training
 
-    return TorchDistributor(num_processes=t.world_size, local_mode=t.local_mode, use_gpu=t.use_gpu)
+    if not t.local_mode:  # the tasks stream their output back to a server on the driver
+        distributor.LogStreamingServer = _driver_host_log_server()
+    return distributor.TorchDistributor(
+        num_processes=t.world_size, local_mode=t.local_mode, use_gpu=t.use_gpu
+    )
 
 
 def launch_distributor(spec: TrainSpec) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """GPU scheduling without a GPU, the way Spark's own tests do it: a fake discovery script.
 
-A ``local-cluster`` Spark (one standalone worker with 2 cores in its own JVM, on 127.0.0.1)
-whose worker finds two GPUs through a script that only prints their addresses. The train
+A ``local-cluster`` Spark (a standalone master and one worker with 2 cores inside the driver's
+JVM, its executor in a JVM of its own, all on 127.0.0.1) whose worker finds two GPUs through a script that only prints their addresses. The train
 stage's TorchDistributor with ``train.use_gpu`` runs two barrier tasks there; each asks for one
 GPU, gets its own, and the training process the distributor starts sees only that one, which
 the trainer's device selection then takes. Runs in a child process: a test session already has
@@ -74,6 +74,7 @@ def test_barrier_tasks_each_get_their_own_gpu(tmp_path):
     out = tmp_path / "ranks"
     out.mkdir()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "SPARK_LOCAL_IP": "127.0.0.1"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)  # set, it would win over the tasks' own GPUs
     proc = subprocess.run(
         [sys.executable, "-m", "tests.integration.test_gpu_scheduling", str(script), str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,

@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -103,7 +104,28 @@ def test_every_cluster_process_binds_to_loopback(tmp_path):
                 assert argv[argv.index(flag) + 1].startswith("127.0.0.1:"), service.name
     work = [s.argv[s.argv.index("--work-dir") + 1] for s in started if "--work-dir" in s.argv]
     assert len(set(work)) == 2 and all(w.startswith(str(tmp_path)) for w in work)
-    assert cluster.running(tmp_path) == {}
+    env = cluster.environment()  # the web UIs, executors and gloo sockets follow these
+    assert env["SPARK_LOCAL_IP"] == env["SPARK_MASTER_HOST"] == "127.0.0.1"
+    assert (
+        env["GLOO_SOCKET_IFNAME"] == "lo" and env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    )
+
+
+def test_cluster_down_stops_its_process_groups_and_ignores_reused_pids(tmp_path):
+    import subprocess
+
+    from pipelines import cluster
+
+    (tmp_path / "pids").mkdir()
+    # a service whose leader started a child, as the Spark and Dask launchers do
+    proc = subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60"], start_new_session=True)
+    (tmp_path / "pids" / "svc.pid").write_text(f"{proc.pid} {cluster._start_time(proc.pid)}")
+    # a pid file whose pid now belongs to another process (another start time)
+    (tmp_path / "pids" / "stale.pid").write_text(f"{os.getpid()} 1")
+    assert cluster.running(tmp_path) == {"svc": proc.pid}
+    cluster.down(tmp_path, quiet=True)
+    assert proc.wait(timeout=5) is not None and not cluster._group_alive(proc.pid)
+    assert list((tmp_path / "pids").iterdir()) == [] and cluster.running(tmp_path) == {}
 
 
 def test_yaml_must_be_safe(tmp_path):

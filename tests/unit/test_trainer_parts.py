@@ -8,7 +8,7 @@ import torch
 
 from core.config import TrainConfig
 from core.errors import ConfigError, DataError
-from trainers.data import check_featurizer, read_split, sha256_of
+from trainers.data import check_featurizer, check_shards, load_manifest, read_split, sha256_of
 from trainers.featurizer import Featurizer
 from trainers.model import ModelSpec, NgramClassifier
 from trainers.trainer import (
@@ -91,11 +91,15 @@ def test_ranks_split_the_rows_without_overlap(tmp_path):
 
 def test_reader_refuses_a_changed_shard(tmp_path):
     _write_shards(tmp_path)
+    check_shards(tmp_path, load_manifest(tmp_path))  # as written: every file passes
     shard = tmp_path / "train-00001.parquet"
     table = pq.read_table(shard)
     pq.write_table(table.slice(0, 1), shard)  # same schema, different bytes
     with pytest.raises(DataError, match="sha256 does not match"):
         read_split(tmp_path, "train", rank=0, world_size=1)
+    # the train stage checks every split on the driver before it starts any process
+    with pytest.raises(DataError, match=r"train-00001.parquet: sha256 does not match"):
+        check_shards(tmp_path, load_manifest(tmp_path))
 
 
 def test_featurizer_mismatch_is_refused(tmp_path):
