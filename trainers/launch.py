@@ -38,12 +38,35 @@ def train_worker(spec: TrainSpec) -> dict[str, Any]:
         spec.train.use_gpu, int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.is_available()
     )
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    dist.init_process_group(backend, timeout=timedelta(seconds=spec.train.timeout_s))
+    timeout = timedelta(seconds=spec.train.timeout_s)
+    store = loopback_store(timeout)
+    if store is None:  # torchrun's own store (TorchDistributor, torchrun), or another host
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     try:
         result = Trainer(spec).train()
     finally:
         dist.destroy_process_group()
     return result
+
+
+def loopback_store(timeout: timedelta) -> dist.TCPStore | None:
+    """The group's meeting point on 127.0.0.1 alone, where this process group meets on loopback
+    and no torchrun serves one (``launch_processes``, reference runs): torch's own store
+    listens on every address, so rank 0 binds the socket itself and hands it over. None
+    elsewhere (``init_process_group`` then reads the environment as usual)."""
+    if os.environ.get("MASTER_ADDR") != "127.0.0.1" or "TORCHELASTIC_RUN_ID" in os.environ:
+        return None
+    port, world = int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"])
+    if int(os.environ["RANK"]) != 0:
+        return dist.TCPStore("127.0.0.1", port, world, False, timeout)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(128)
+    return dist.TCPStore("127.0.0.1", port, world, True, timeout, master_listen_fd=sock.detach())
 
 
 def free_port() -> int:

@@ -82,3 +82,33 @@ def test_both_ranks_end_with_the_mean_gradient_through_overflow_and_fit(tmp_path
 def test_fp64_gradients_travel_exactly(tmp_path):
     results = _run(tmp_path, torch.float64)
     assert all(r["worst"] < 1e-12 for r in results)
+
+
+def _listeners(port: int) -> list[str]:
+    """The local addresses (hex, as the kernel lists them) listening on ``port``."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                found.append(local.rsplit(":", 1)[0])
+    return found
+
+
+def test_the_meeting_point_listens_on_loopback_only(monkeypatch):
+    """torch's own TCPStore listens on every address; the launchers' store on 127.0.0.1."""
+    from datetime import timedelta
+
+    from trainers.launch import free_port, loopback_store
+
+    port = free_port()
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    store = loopback_store(timedelta(seconds=10))
+    store.set("k", "v")
+    assert store.get("k") == b"v"
+    assert _listeners(port) == ["0100007F"]  # 127.0.0.1, and nothing else
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")  # under torchrun: its own store
+    assert loopback_store(timedelta(seconds=10)) is None
