@@ -28,6 +28,7 @@ weighted), and n bounds a step's whole batch (split among the workers in sync mo
 
 from __future__ import annotations
 
+import copy as copy_module
 import dataclasses
 import math
 import time
@@ -47,7 +48,7 @@ from trainers.data import ShardData, read_split
 from trainers.kernels import train_examples
 from trainers.model import NgramClassifier
 from trainers.spec import TrainSpec
-from trainers.trainer import KERNEL_OPTIMIZER, what_runs
+from trainers.trainer import KERNEL_OPTIMIZER, kernel_arrays, kernel_state_for, what_runs
 
 Params = list[torch.Tensor]
 LossFn = Callable[[Params], torch.Tensor]
@@ -391,20 +392,13 @@ def kernel_samples_per_s(
 ) -> float:
     """One worker's samples/s under the numba kernel: the probe ``rows`` trained over and over
     for about ``KERNEL_PROBE_S`` on copies of ``model``'s weights (the kernel compiled first)."""
-    weights = {
-        "emb": model.embedding.weight.detach().numpy().copy(),
-        "out_w": model.output.weight.detach().numpy().copy(),
-        "out_b": model.output.bias.detach().numpy().copy(),
-    }
-    state = {"emb_acc": np.zeros(len(weights["emb"]), weights["emb"].dtype),
-             "out_acc": np.zeros(len(weights["out_b"]), weights["emb"].dtype)}  # fmt: skip
+    copy = copy_module.deepcopy(model)
+    arrays = kernel_arrays(copy, kernel_state_for(copy))
     args = (data.ids, data.row_offsets, data.labels, data.weights)
-    train_examples(*args, rows[:1], lr_start=0.0, lr_end=0.0, **weights, **state,
-                   optimizer=optimizer)  # fmt: skip
+    train_examples(*args, rows[:1], lr_start=0.0, lr_end=0.0, **arrays, optimizer=optimizer)
     done, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < KERNEL_PROBE_S:
-        train_examples(*args, rows, lr_start=0.05, lr_end=0.05, **weights, **state,
-                       optimizer=optimizer)  # fmt: skip
+        train_examples(*args, rows, lr_start=0.05, lr_end=0.05, **arrays, optimizer=optimizer)
         done += len(rows)
     return done / (time.perf_counter() - t0)
 

@@ -57,30 +57,33 @@ def mapping_dir(nbytes: int, candidates: tuple[Path, ...] | None = None) -> Path
     return None
 
 
-def _create_mapping(nbytes: int, folders: tuple[Path, ...] | None) -> tuple[str | None, str]:
-    """Rank 0: a file of ``nbytes`` plus a random token, reserved in full; its path, or None
-    and why not."""
+def _create_mapping(
+    nbytes: int, folders: tuple[Path, ...] | None
+) -> tuple[str | None, bytes | None, str]:
+    """Rank 0: a file of ``nbytes`` plus a random token, reserved in full; its path and token,
+    or None, None and why not."""
     folder = mapping_dir(nbytes + TOKEN_BYTES, folders)
     if folder is None:
         where = ", ".join(str(f) for f in folders or candidate_dirs())
-        return None, f"no room for {nbytes / 2**20:.1f} MiB of shared weights in {where}"
+        return None, None, f"no room for {nbytes / 2**20:.1f} MiB of shared weights in {where}"
     try:
         fd, path = tempfile.mkstemp(prefix="zipfline-weights-", dir=folder)
     except OSError as exc:
-        return None, f"cannot create a file in {folder}: {exc.strerror}"
+        return None, None, f"cannot create a file in {folder}: {exc.strerror}"
+    token = secrets.token_bytes(TOKEN_BYTES)
     try:
         reserve = getattr(os, "posix_fallocate", None)  # not on macOS: a sparse file there
         if reserve is not None:
             reserve(fd, 0, nbytes + TOKEN_BYTES)
         else:
             os.ftruncate(fd, nbytes + TOKEN_BYTES)
-        os.pwrite(fd, secrets.token_bytes(TOKEN_BYTES), nbytes)
+        os.pwrite(fd, token, nbytes)
     except OSError as exc:
         os.unlink(path)
-        return None, f"cannot reserve {nbytes / 2**20:.1f} MiB in {folder}: {exc.strerror}"
+        return None, None, f"cannot reserve {nbytes / 2**20:.1f} MiB in {folder}: {exc.strerror}"
     finally:
         os.close(fd)
-    return path, ""
+    return path, token, ""
 
 
 def _token(path: str, nbytes: int) -> bytes | None:
@@ -136,12 +139,11 @@ def share_tensors(tensors: list[torch.Tensor], folders: tuple[Path, ...] | None 
     dtype = tensors[0].dtype
     numel = sum(t.numel() for t in tensors)
     nbytes = numel * tensors[0].element_size()
-    made: list[tuple[str | None, str, bytes | None]] = [(None, "", None)]
+    made: list[tuple[str | None, bytes | None, str]] = [(None, None, "")]
     if dist.get_rank() == 0:
-        path, why_not = _create_mapping(nbytes, folders)
-        made = [(path, why_not, _token(path, nbytes) if path else None)]
+        made = [_create_mapping(nbytes, folders)]
     dist.broadcast_object_list(made, src=0)
-    path, why_not, token = made[0]
+    path, token, why_not = made[0]
     if path is None:
         return why_not
     with _removed_on_sigterm(path if dist.get_rank() == 0 else None):

@@ -227,6 +227,29 @@ def spec_fingerprint(spec: TrainSpec, manifest: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def kernel_state_for(model: NgramClassifier) -> dict[str, torch.Tensor]:
+    """The numba kernel's optimizer state for ``model``, zero: one row-wise Adagrad accumulator
+    per embedding row and per class, in the weights' dtype."""
+    weight = model.embedding.weight
+    return {
+        "emb_acc": torch.zeros(weight.shape[0], dtype=weight.dtype),
+        "out_acc": torch.zeros(model.output.weight.shape[0], dtype=weight.dtype),
+    }
+
+
+def kernel_arrays(model: NgramClassifier, state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """The model's weights and the kernel's state as numpy views of the same memory: the
+    arguments :func:`trainers.kernels.train_examples` writes into."""
+    with torch.no_grad():
+        return {
+            "emb": model.embedding.weight.detach().numpy(),
+            "out_w": model.output.weight.detach().numpy(),
+            "out_b": model.output.bias.detach().numpy(),
+            "emb_acc": state["emb_acc"].numpy(),
+            "out_acc": state["out_acc"].numpy(),
+        }
+
+
 class Trainer:
     """Train, evaluate and checkpoint one rank's part of a data-parallel run."""
 
@@ -259,11 +282,7 @@ class Trainer:
         self.sync = select_sync(self.cfg.mode, self.kernel, self.device.type, self.world_size)
         # The numba kernel's optimizer state: one accumulator per embedding row and per class
         # (row-wise Adagrad), torch tensors like the weights, so checkpoints carry them.
-        dtype = self.precision.param_dtype
-        self.kernel_state = {
-            "emb_acc": torch.zeros(self.model_spec.num_buckets, dtype=dtype),
-            "out_acc": torch.zeros(self.model_spec.num_classes, dtype=dtype),
-        }
+        self.kernel_state = kernel_state_for(self.model)
         # rows some step updated since the last average (uint8: the numba kernel writes it too)
         self._touched = torch.zeros(
             self.model_spec.num_buckets, dtype=torch.uint8, device=self.device
@@ -394,15 +413,7 @@ class Trainer:
         return total / max(weight, 1e-12)
 
     def _kernel_arrays(self) -> dict[str, np.ndarray]:
-        """The model's weights and the kernel's state as numpy views of the same memory."""
-        with torch.no_grad():
-            return {
-                "emb": self.model.embedding.weight.detach().numpy(),
-                "out_w": self.model.output.weight.detach().numpy(),
-                "out_b": self.model.output.bias.detach().numpy(),
-                "emb_acc": self.kernel_state["emb_acc"].numpy(),
-                "out_acc": self.kernel_state["out_acc"].numpy(),
-            }
+        return kernel_arrays(self.model, self.kernel_state)
 
     def _warm_kernel(self) -> None:
         """Compile (or load from numba's cache) the kernel before the clock starts."""
