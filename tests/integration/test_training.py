@@ -22,7 +22,7 @@ import torch.distributed as dist
 from core.errors import StageError
 from core.layout import RunContext
 from pipelines.flow import run_pipeline
-from tests.conftest import SMALL_DATA_JVM, SMALL_DATA_SPARK_CONF, config_for
+from tests.conftest import config_for
 from trainers import trainer as trainer_module
 from trainers.launch import launch_distributor, launch_processes
 from trainers.model import UnsafeFile
@@ -32,6 +32,8 @@ from trainers.spec import TrainSpec
 from trainers.trainer import FAULT_RANK_ENV, FAULT_STEP_ENV, STOP_CHECK_EVERY, Trainer, lr_factor
 
 pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
 
 DATA = [
     "generate.num_events=8000",
@@ -391,7 +393,7 @@ def test_torchrun_launch_of_the_same_trainer(shards, tmp_path):
     proc = subprocess.run(
         [str(torchrun), "--standalone", "--nnodes", "1", "--nproc-per-node", "2",
          "-m", "trainers.launch", str(spec_path), "--out", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=300, env=env, cwd=Path(__file__).resolve().parents[2],
+        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     printed = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -401,32 +403,47 @@ def test_torchrun_launch_of_the_same_trainer(shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_barrier_mode_on_a_local_cluster(shards, tmp_path):
-    """``train.local_mode=false``: the processes are barrier tasks on two executor JVMs of a
-    ``local-cluster`` master (a Spark standalone cluster in miniature), in their own driver."""
+def test_barrier_mode_on_a_local_cluster_and_each_gpu_task_gets_its_own_gpu(shards, tmp_path):
+    """``train.local_mode=false``: the processes are barrier tasks on the executor of a
+    ``local-cluster`` master (a Spark standalone cluster in miniature), in a driver of their own.
+    On the same cluster, whose worker finds two GPUs through a fake discovery script (the way
+    Spark's own tests schedule GPUs without one), two tasks of a ``train.use_gpu`` run each get
+    their own GPU, and the training process the distributor starts sees only that one, which
+    the trainer's device selection then takes (see ``tests/integration/cluster_child.py``)."""
+    from tests.integration.cluster_child import GPU_ADDRESSES
+
     cfg, shard_dir = shards
     spec_path = tmp_path / "spec.json"
     _spec(cfg, shard_dir, tmp_path / "out", world_size=2, local_mode=False, epochs=2).write(
         spec_path
     )
-    code = (
-        "import json, sys\n"
-        "from core.config import SparkConfig\n"
-        "from core.spark import get_spark\n"
-        "from trainers.launch import launch_distributor\n"
-        "from trainers.spec import TrainSpec\n"
-        "get_spark(SparkConfig(master='local-cluster[2,1,1024]', driver_memory='1g',"
-        f" conf={{'spark.executor.memory': '1g', **{SMALL_DATA_SPARK_CONF!r},"
-        f" 'spark.executor.extraJavaOptions': {SMALL_DATA_JVM!r}}}))\n"
-        "print(json.dumps(launch_distributor(TrainSpec.read(sys.argv[1]))))\n"
+    script = tmp_path / "discover_gpus.sh"
+    script.write_text(
+        f"#!/bin/sh\necho '{json.dumps({'name': 'gpu', 'addresses': GPU_ADDRESSES})}'\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code, str(spec_path)], capture_output=True, text=True,
-                          timeout=400, cwd=tmp_path)  # fmt: skip
+    script.chmod(0o755)
+    gpus = tmp_path / "gpus"
+    gpus.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SPARK_LOCAL_IP": "127.0.0.1"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)  # set, it would win over the tasks' own GPUs
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.integration.cluster_child", str(spec_path), str(script),
+         str(gpus)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
     assert result["world_size"] == 2 and result["stopped_by"] == "epochs"
     ranks = _ranks(tmp_path / "out")
     assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["steps"] == ranks[1]["steps"]
+
+    tasks = [json.loads(p.read_text()) for p in sorted(gpus.glob("gpu-*.json"))]
+    assert len(tasks) == 2 and {t["world_size"] for t in tasks} == {2}
+    # each task was handed one of the discovered GPUs, and not the same one
+    assert sorted(t["visible"] for t in tasks) == GPU_ADDRESSES
+    # one process per task: local rank 0, so the trainer takes the only device it sees, NCCL
+    assert {(t["local_rank"], t["device"], t["backend"]) for t in tasks} == {(0, "cuda:0", "nccl")}
+    assert {t["master_addr"] for t in tasks} == {"127.0.0.1"}
 
 
 def test_a_rerun_after_a_failure_reuses_the_budget_plan(shards, tmp_path, capsys):
