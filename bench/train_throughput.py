@@ -7,9 +7,10 @@ examples), then trains for a fixed number of epochs with no early stop:
 - zipfline's numba kernel (fastText's per-example update, row-wise Adagrad; and plain SGD) with
   1, 2, 4, 8 worker processes (as many as the machine has cores, one thread each) sharing one
   copy of the weights (``train.mode=shared``), and 2 averaging replicas (``local_sgd``); its torch
-  loop (sync with the row exchange at fp32 and bf16, local SGD), through TorchDistributor local
-  mode: samples/s, per core, scaling efficiency against one worker, and bytes each worker sends
-  per step;
+  loop (sync with the row exchange at fp32 and bf16, and with the gradients on the wire in fp16
+  and bf16, ``train.exchange_precision``; local SGD), through TorchDistributor local mode:
+  samples/s, per core, scaling efficiency against one worker, and bytes each worker sends per
+  step;
 - fastText (``fasttext-numpy2``) on the same distinct training texts, one thread and all cores,
   with the same dimension, word n-grams, buckets and epochs: examples/s.
 
@@ -18,6 +19,7 @@ accuracy, 1 − ``test_error``). Prints a table.
 
     .venv/bin/pip install fasttext-numpy2
     .venv/bin/python bench/train_throughput.py [--events 1000000] [--epochs 5] [--work DIR]
+        [--only "torch sync" ...] [--no-fasttext]
 """
 
 from __future__ import annotations
@@ -77,6 +79,14 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=200_000)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "zipfline-bench")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="only zipfline's learners whose name has TEXT (repeatable)",
+    )
+    parser.add_argument("--no-fasttext", action="store_true", help="zipfline's rows only")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     cfg = load_config(
@@ -101,8 +111,8 @@ def main() -> None:
 
     cores = os.cpu_count() or 1
     counts = [w for w in (1, 2, 4, 8) if w <= cores]
-    # name, precision, workers, train.* settings; scaling is against the first row of the
-    # same family (its samples/s per worker)
+    # name, precision, workers, train.* settings; scaling is against the one-worker row of the
+    # same family (none run: nan)
     learners = [
         *[("numba rowwise_adagrad shared", "fp32", w, {"kernel": "numba", "mode": "shared"})
           for w in counts],
@@ -111,10 +121,15 @@ def main() -> None:
         ("numba rowwise_adagrad lr 0.1", "fp32", 1, {"kernel": "numba", "lr": 0.1}),
         ("numba sgd", "fp32", 1, {"kernel": "numba", "optimizer": "sgd", "lr": 0.5}),
         *[("torch sync", "fp32", w, {"kernel": "torch", "mode": "sync"}) for w in counts[:2]],
+        *[(f"torch sync exchange {wire}", "fp32", w,
+           {"kernel": "torch", "mode": "sync", "exchange_precision": wire})
+          for wire in ("fp16", "bf16") for w in counts[1:2]],
         ("torch sync", "bf16", 1, {"kernel": "torch", "mode": "sync", "precision": "bf16"}),
         *[("torch local_sgd", "fp32", w, {"kernel": "torch", "mode": "local_sgd"})
           for w in counts[:2]],
     ]  # fmt: skip
+    if args.only:
+        learners = [row for row in learners if any(part in row[0] for part in args.only)]
     rows, single = [], {}
     for name, precision, workers, train in learners:
         out = args.work / f"run-{name.replace(' ', '-')}-{precision}-{workers}"
@@ -122,15 +137,18 @@ def main() -> None:
         predictor = Predictor.from_file(out / "model.pt")
         acc = accuracy(test_df, predictor.labels, predictor.predict_proba(test_df["query"]))
         sps = result["samples_per_s"]
-        family = (" ".join(name.split()[:2]) if name.startswith("numba") else name, precision)
-        single.setdefault(family, sps / workers)
-        rows.append((f"zipfline {name}", "cpu", precision, workers, sps, sps / workers,
-                     sps / (workers * single[family]), result.get("bytes_per_step"),
-                     acc))  # fmt: skip
+        # numba rows scale against the kernel's first row, the exchange's variants against sync
+        stem = name.split(" exchange")[0]
+        family = (" ".join(name.split()[:2]) if name.startswith("numba") else stem, precision)
+        if workers == 1:
+            single.setdefault(family, sps)
+        eff = sps / (workers * single[family]) if family in single else float("nan")
+        rows.append((f"zipfline {name}", "cpu", precision, workers, sps, sps / workers, eff,
+                     result.get("bytes_per_step"), acc))  # fmt: skip
         print(f"  {rows[-1][0]} {precision} x{workers}: {sps:,.0f} samples/s, acc {acc:.4f}",
               flush=True)  # fmt: skip
     fasttext_rows = []
-    for threads in sorted({1, cores}):
+    for threads in [] if args.no_fasttext else sorted({1, cores}):
         ft = run_fasttext(train_df, test_df, cfg, args.epochs, args.work, threads)
         fasttext_rows.append(ft)
         rows.append(("fastText", "cpu", "fp32", threads, ft["samples_per_s"],
@@ -143,8 +161,10 @@ def main() -> None:
         sent_s = "-" if sent is None or np.isnan(sent) else f"{sent:,.0f}"
         print(f"{name:<44}{device:>7}{precision:>6}{workers:>8}{sps:>12,.0f}{per_core:>11,.0f}"
               f"{eff:>9.2f}{sent_s:>12}{acc:>10.4f}")  # fmt: skip
-    ft1 = fasttext_rows[0]
-    one = next(r for r in rows if r[0] == "zipfline numba rowwise_adagrad shared" and r[3] == 1)
+    one = [r for r in rows if r[0] == "zipfline numba rowwise_adagrad shared" and r[3] == 1]
+    if not fasttext_rows or not one:
+        return
+    ft1, one = fasttext_rows[0], one[0]
     print(f"\nnumba kernel, 1 worker / fastText, 1 thread: samples/s {one[4] / ft1['samples_per_s']:.2f}x,"
           f" test accuracy {one[8] - ft1['accuracy']:+.4f}")  # fmt: skip
 

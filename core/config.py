@@ -249,6 +249,15 @@ class TrainConfig:
     budget is too short to converge), ``sync`` elsewhere."""
     sync_every: int = 50
     """Steps between model averages in ``local_sgd`` mode."""
+    exchange_precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    """The precision gradients travel in between workers in ``sync`` mode: the row exchange on
+    CPU (rows and dense gradients cast for the wire, summed back in the model's precision), or
+    DDP's all-reduce on GPUs (its fp16 or bf16 compression hook; the sum is then taken in that
+    precision). ``fp32``: as computed (fp64 for an fp64 model). Half the bytes of fp32, at the
+    cost of rounding each gradient: bf16 to 8 bits with fp32's range; fp16 to 11 bits but
+    without loss scaling, so gradients under 6e-5 lose bits and under 6e-8 vanish (prefer bf16;
+    under ``precision=fp16`` the scaled gradients can overflow fp16, and the scaler skips those
+    steps). Other modes send no gradients, so it changes nothing there."""
     time_budget_s: float = 60.0
     """Wall-clock budget for the whole training; all ranks stop at the same step."""
     epochs: int | None = None

@@ -128,6 +128,7 @@ class TrainSpec:
             "lr_schedule": t.lr_schedule,
             "warmup_steps": t.warmup_steps,
             "sync_every": t.sync_every,
+            "exchange_precision": t.exchange_precision,
             "dim": self.model.dim,
             "hidden": "-".join(map(str, self.model.hidden)) or "0",
             "num_buckets": f.num_buckets,
@@ -139,9 +140,12 @@ class TrainSpec:
         """What decides the trained model, as plain JSON data for fingerprints and cache keys:
         the ``train.*`` settings less ``leave_out``, the model, the featurizer, and
         ``early_stop`` when it is off (only then, so that the payload of a run that may stop
-        early is what it was before the flag existed, and so are its hashes)."""
+        early is what it was before the flag existed, and so are its hashes; the same for
+        ``train.exchange_precision`` at fp32)."""
         data = self.to_dict()
         train = {k: v for k, v in data["train"].items() if k not in leave_out}
+        if train.get("exchange_precision") == "fp32":  # as before the setting existed
+            del train["exchange_precision"]
         payload = {"train": train, "model": data["model"], "featurizer": data["featurizer"]}
         if not self.early_stop:
             payload["early_stop"] = False

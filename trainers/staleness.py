@@ -14,7 +14,7 @@ steps old, x_{t+1} = x_t − η·a·x_{t−τ}, converges only while
 
 (the delay-difference equation's stability region; Levin and May, 1976). The bound falls like
 π/(2τ) as τ grows, so a step that is safe fresh diverges once updates are a few versions old;
-with η_τ = η₀/max(τ, 1) the bound on η₀ becomes max(τ, 1)·2·sin(π/(4τ+2)), which stays above 1
+with η_τ = η₀/max(τ, 1) the bound on η₀ becomes max(τ, 1)·2·sin(π/(4τ+2)), which is at least 1
 for every τ (it tends to π/2). :func:`divergence_threshold` finds the bound by experiment: a
 synthetic quadratic, workers simulated by a queue of pulled versions so that every push is
 exactly τ versions old, and this module's :class:`StaleServer` applying each push.

@@ -94,6 +94,27 @@ def select_device(use_gpu: bool, local_rank: int, cuda_available: bool) -> tuple
     return torch.device("cpu"), "gloo"
 
 
+WIRE_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+"""``train.exchange_precision`` → the gradients' type on the row exchange's wire (None: the
+model's own)."""
+
+
+def ddp_comm_hook(exchange_precision: str, backend: str):  # noqa: ANN201 (a torch hook)
+    """DDP's communication hook for ``train.exchange_precision`` (DDP runs on GPUs, over
+    NCCL): None for fp32 (DDP's own all-reduce), else the hook that compresses the gradient
+    buckets to fp16 or bf16 for the all-reduce. bf16 is refused on any other backend (gloo's
+    bf16 all-reduce is not to be relied on)."""
+    # start-up speed: the hooks package (PowerSGD and the rest) only for a run that uses DDP
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    hooks = {"fp16": default_hooks.fp16_compress_hook, "bf16": default_hooks.bf16_compress_hook}
+    if exchange_precision == "bf16" and backend != "nccl":
+        raise ConfigError(
+            f"train.exchange_precision = bf16 with DDP needs NCCL, not {backend}: use fp16"
+        )
+    return hooks.get(exchange_precision)
+
+
 KERNEL_OPTIMIZER = {"sgd": "sgd", "adagrad": "rowwise_adagrad"}
 """``train.optimizer`` → the numba kernel's optimizer."""
 
@@ -299,12 +320,17 @@ class Trainer:
                     print(f"[train] {self.sync_reason}", flush=True)
         self.local_sgd, self.exchange_rows = self.sync == "average", self.sync == "exchange"
         self.shared = self.sync == "shared"
-        self.exchange = RowExchange(self.model, self.world_size) if self.exchange_rows else None
-        self.ddp = (
-            DistributedDataParallel(self.model, device_ids=device_ids)
-            if self.sync == "ddp"
-            else self.model
+        self.exchange = (
+            RowExchange(self.model, self.world_size, WIRE_DTYPES[self.cfg.exchange_precision])
+            if self.exchange_rows
+            else None
         )
+        self.ddp = self.model
+        if self.sync == "ddp":
+            self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
+            hook = ddp_comm_hook(self.cfg.exchange_precision, dist.get_backend())
+            if hook is not None:
+                self.ddp.register_comm_hook(None, hook)  # state None: the default group
         self.comm_seconds = 0.0
         self.bytes_sent = 0  # what this rank sent: model averages, or the gradient exchange
         self.optimizers = [] if self.kernel == "numba" else build_optimizers(self.model, self.cfg)

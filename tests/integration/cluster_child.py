@@ -1,13 +1,13 @@
 """The child process of the barrier-mode test: a ``local-cluster`` Spark of its own, which trains
 a spec in barrier mode and then shows where GPU tasks land, on one set of JVMs.
 
-``local-cluster[1,2,1024]`` is a Spark standalone cluster in miniature: a master and one worker
-with 2 cores inside the driver's JVM, its executor in a JVM of its own, all on 127.0.0.1. The
-worker finds two GPUs the way Spark's own tests find them without hardware: a discovery script
-that only prints their addresses. Run as ``python -m tests.integration.cluster_child SPEC
-SCRIPT OUT``; a test session already has its local Spark driver, and this needs a driver of its
-own. It prints the training result as one JSON line and writes each GPU task's view to
-``OUT/gpu-<rank>.json``.
+``local-cluster[2,1,1024]`` is a Spark standalone cluster in miniature: a master and two workers
+of one core inside the driver's JVM, each worker's executor in a JVM of its own, all on
+127.0.0.1. Each worker finds one GPU the way Spark's own tests find them without hardware: a
+discovery script that only prints an address (the test's script hands the first worker to ask
+``0`` and the second ``1``). Run as ``python -m tests.integration.cluster_child SPEC SCRIPT OUT``;
+a test session already has its local Spark driver, and this needs a driver of its own. It prints
+the training result as one JSON line and writes each GPU task's view to ``OUT/gpu-<rank>.json``.
 """
 
 from __future__ import annotations
@@ -46,18 +46,16 @@ def main(spec_path: str, script: str, out: str) -> None:
     from trainers.spec import TrainSpec
 
     conf = {
-        **SMALL_DATA_SPARK_CONF,
-        "spark.worker.resource.gpu.amount": str(len(GPU_ADDRESSES)),
+        **SMALL_DATA_SPARK_CONF,  # the driver's JVM starts fast; the executors' the same way
+        "spark.executor.extraJavaOptions": SMALL_DATA_JVM,
+        "spark.worker.resource.gpu.amount": "1",
         "spark.worker.resource.gpu.discoveryScript": script,
-        "spark.executor.resource.gpu.amount": str(len(GPU_ADDRESSES)),
-        "spark.executor.cores": "2",
+        "spark.executor.resource.gpu.amount": "1",
+        "spark.executor.cores": "1",
         "spark.executor.memory": "1g",
         "spark.task.resource.gpu.amount": "1",
-        # JVMs that start fast (the work is a few RPCs and two small trainings)
-        "spark.driver.extraJavaOptions": SMALL_DATA_JVM,
-        "spark.executor.extraJavaOptions": SMALL_DATA_JVM,
     }
-    spark = get_spark(SparkConfig(master="local-cluster[1,2,1024]", driver_memory="1g",
+    spark = get_spark(SparkConfig(master="local-cluster[2,1,1024]", driver_memory="1g",
                                   app_name="zipfline-barrier-cluster", conf=conf))  # fmt: skip
     try:
         # the spec's own training, in barrier mode on the CPU (its tasks hold a GPU address

@@ -294,16 +294,18 @@ def test_the_numba_kernel_learns_as_the_torch_loop_does(shards, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("kernel", "mode", "precision", "ran"),
-    [("torch", "sync", "bf16", ("torch", "exchange")),  # the sync machinery
-     ("auto", "auto", "fp32", ("numba", "average"))],  # the defaults on a CPU
+    ("kernel", "mode", "precision", "wire", "ran"),
+    # the sync machinery, its gradients on the wire in fp16
+    [("torch", "sync", "bf16", "fp16", ("torch", "exchange")),
+     ("auto", "auto", "fp32", "fp32", ("numba", "average"))],  # the defaults on a CPU
 )  # fmt: skip
 def test_all_ranks_stop_at_the_same_step_under_a_budget(
-    shards, tmp_path, kernel, mode, precision, ran
+    shards, tmp_path, kernel, mode, precision, wire, ran
 ):
     cfg, shard_dir = shards
     spec = _spec(cfg, shard_dir, tmp_path, world_size=2, time_budget_s=1.5, epochs=10_000,
-                 batch_size=8, precision=precision, kernel=kernel, mode=mode)  # fmt: skip
+                 batch_size=8, precision=precision, kernel=kernel, mode=mode,
+                 exchange_precision=wire)  # fmt: skip
     result = launch_processes(spec)
     assert result["stopped_by"] == "budget" and (result["kernel"], result["sync"]) == ran
     assert result["precision"] == precision and result["world_size"] == 2
@@ -404,9 +406,9 @@ def test_torchrun_launch_of_the_same_trainer(shards, tmp_path):
 
 @pytest.mark.slow
 def test_barrier_mode_on_a_local_cluster_and_each_gpu_task_gets_its_own_gpu(shards, tmp_path):
-    """``train.local_mode=false``: the processes are barrier tasks on the executor of a
+    """``train.local_mode=false``: the processes are barrier tasks on the two executor JVMs of a
     ``local-cluster`` master (a Spark standalone cluster in miniature), in a driver of their own.
-    On the same cluster, whose worker finds two GPUs through a fake discovery script (the way
+    On the same cluster, whose workers each find a GPU through a fake discovery script (the way
     Spark's own tests schedule GPUs without one), two tasks of a ``train.use_gpu`` run each get
     their own GPU, and the training process the distributor starts sees only that one, which
     the trainer's device selection then takes (see ``tests/integration/cluster_child.py``)."""
@@ -417,19 +419,23 @@ def test_barrier_mode_on_a_local_cluster_and_each_gpu_task_gets_its_own_gpu(shar
     _spec(cfg, shard_dir, tmp_path / "out", world_size=2, local_mode=False, epochs=2).write(
         spec_path
     )
-    script = tmp_path / "discover_gpus.sh"
+    # the first worker to ask gets GPU "0", the second "1" (mkdir is atomic)
+    claim, script = tmp_path / "gpu-claimed", tmp_path / "discover_gpus.sh"
     script.write_text(
-        f"#!/bin/sh\necho '{json.dumps({'name': 'gpu', 'addresses': GPU_ADDRESSES})}'\n"
+        f"#!/bin/sh\nif mkdir {claim} 2>/dev/null; then a={GPU_ADDRESSES[0]}; "
+        f"else a={GPU_ADDRESSES[1]}; fi\n"
+        'echo "{\\"name\\": \\"gpu\\", \\"addresses\\": [\\"$a\\"]}"\n'
     )
     script.chmod(0o755)
     gpus = tmp_path / "gpus"
     gpus.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "SPARK_LOCAL_IP": "127.0.0.1"}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "SPARK_LOCAL_IP": "127.0.0.1"}
     env.pop("CUDA_VISIBLE_DEVICES", None)  # set, it would win over the tasks' own GPUs
     proc = subprocess.run(
         [sys.executable, "-m", "tests.integration.cluster_child", str(spec_path), str(script),
          str(gpus)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=400,
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
