@@ -70,7 +70,7 @@ def zipfline(args: list[str], env: dict | None = None, timeout: float = RUN_TIME
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def report(root: Path, sets: list[str]) -> dict:
+def report(sets: list[str]) -> dict:
     proc = zipfline(["report", "--json", *sets])
     if proc.returncode != 0:
         raise RuntimeError(f"zipfline report failed: {proc.stderr[-500:]}")
@@ -167,7 +167,13 @@ def fault_flip_shard_byte(root: Path, sets: list[str]) -> dict:
             "clear": "sha256 does not match the manifest" in first.stderr}  # fmt: skip
 
 
-FAULTS = ("kill-driver", "kill-rank", "flip-shard-byte")
+FAULTS = {
+    "kill-driver": fault_kill_driver,
+    "kill-rank": fault_kill_rank,
+    "flip-shard-byte": fault_flip_shard_byte,
+}
+"""Each fault by name: given the fault's own folder and settings, it runs, recovers, and says
+how (the checks against the clean run are :func:`main`'s)."""
 
 
 def main() -> None:
@@ -196,7 +202,7 @@ def main() -> None:
     clean_run = zipfline(["run", "--run-date", RUN_DATE, *sets])
     if clean_run.returncode:
         raise SystemExit(f"the clean run failed: {clean_run.stderr[-1500:]}")
-    clean = report(clean_root, sets)
+    clean = report(sets)
     print(f"clean run: {time.monotonic() - t0:.0f}s, test_error {clean.get('test_error')}",
           file=sys.stderr, flush=True)  # fmt: skip
     rows = []
@@ -206,14 +212,9 @@ def main() -> None:
         shutil.copytree(raw, fault_raw)
         sets = settings(root, args.events) + ["--set", f"data.raw_path={fault_raw}"]
         t0 = time.monotonic()
-        if name == "kill-driver":
-            out = fault_kill_driver(root, sets)
-        elif name == "kill-rank":
-            out = fault_kill_rank(root, sets)
-        else:
-            out = fault_flip_shard_byte(root, sets)
+        out = FAULTS[name](root, sets)
         seconds = time.monotonic() - t0
-        got = report(root, sets) if out.get("recovered") else {}
+        got = report(sets) if out.get("recovered") else {}
         checks = compare(clean, got) if got else {"rows_lost": None, "missing": [],
                                                    "same_counts": False, "reran": [],
                                                    "test_error": None}  # fmt: skip
