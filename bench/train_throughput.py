@@ -8,7 +8,8 @@ examples), then trains for a fixed number of epochs with no early stop:
   1, 2, 4, 8 worker processes (as many as the machine has cores, one thread each) sharing one
   copy of the weights (``train.mode=shared``), and 2 averaging replicas (``local_sgd``); its torch
   loop (sync with the row exchange at fp32 and bf16, and with the gradients on the wire in fp16
-  and bf16, ``train.exchange_precision``; local SGD), through TorchDistributor local mode:
+  and bf16, ``train.exchange_precision``; local SGD; async, a parameter server and 1 or 2
+  workers), through TorchDistributor local mode:
   samples/s, per core, scaling efficiency against one worker, and bytes each worker sends per
   step;
 - fastText (``fasttext-numpy2``) on the same distinct training texts, one thread and all cores,
@@ -42,6 +43,10 @@ from trainers.evaluate import read_test_split
 from trainers.launch import launch_distributor
 from trainers.serving import Predictor
 from trainers.spec import TrainSpec
+
+ASYNC_LR = 20.0
+"""Async mode's rate: SGD on the batch-mean gradient, so about fastText's per-example rate (0.1
+to 0.5) times the batch size (256) divided by a few."""
 
 
 def run_zipfline(cfg, shard_dir: Path, out: Path, workers: int, **train) -> dict:
@@ -127,6 +132,9 @@ def main() -> None:
         ("torch sync", "bf16", 1, {"kernel": "torch", "mode": "sync", "precision": "bf16"}),
         *[("torch local_sgd", "fp32", w, {"kernel": "torch", "mode": "local_sgd"})
           for w in counts[:2]],
+        # a parameter server and 1 or 2 workers (plain SGD on the server: a larger rate)
+        *[("torch async", "fp32", w, {"kernel": "torch", "mode": "async", "lr": ASYNC_LR})
+          for w in (2, 3)],
     ]  # fmt: skip
     if args.only:
         learners = [row for row in learners if any(part in row[0] for part in args.only)]

@@ -238,17 +238,23 @@ class TrainConfig:
     """Training processes (data-parallel workers)."""
     precision: Literal["fp64", "fp32", "bf16", "fp16"] = "fp32"
     """Numeric precision; ``fp16`` needs a GPU (it uses a gradient scaler)."""
-    mode: Literal["auto", "sync", "local_sgd", "shared"] = "auto"
+    mode: Literal["auto", "sync", "local_sgd", "shared", "async"] = "auto"
     """``sync``: every step, the gradients of the embedding rows some worker touched are
     exchanged (DDP's all-reduce on GPUs). ``local_sgd``: each worker steps on its own and the
     models are averaged every ``sync_every`` steps (only the embedding rows some worker touched
     travel), trading staleness for far less communication. ``shared``: the numba kernel's
     workers on one host update one copy of the weights in shared memory without locks
     (Hogwild!, as fastText's threads); nothing travels (``local_sgd`` where they cannot share).
+    ``async``: rank 0 is a parameter server and the other ranks workers that pull the rows
+    their batch touches, compute and push the gradients, each applied at once with the step
+    divided by its staleness (needs 2 or more ranks; plain SGD at ``lr`` on every parameter).
     ``auto``: ``local_sgd`` where the numba kernel runs (``--budget`` picks ``shared`` where the
     budget is too short to converge), ``sync`` elsewhere."""
     sync_every: int = 50
     """Steps between model averages in ``local_sgd`` mode."""
+    max_staleness: int = 32
+    """``async`` mode: a push computed more than this many server versions ago is dropped (and
+    counted) instead of applied."""
     exchange_precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     """The precision gradients travel in between workers in ``sync`` mode: the row exchange on
     CPU (rows and dense gradients cast for the wire, summed back in the model's precision), or
@@ -333,8 +339,10 @@ class TrainConfig:
             raise ConfigError(f"train.auto_delta = {self.auto_delta}: must be in (0, 1)")
         if self.epochs is not None and self.epochs <= 0:
             raise ConfigError(f"train.epochs = {self.epochs}: must be positive, or null for no cap")
-        if self.warmup_steps < 0 or self.checkpoint_every < 0:
-            raise ConfigError("train.warmup_steps and train.checkpoint_every must be >= 0")
+        if self.warmup_steps < 0 or self.checkpoint_every < 0 or self.max_staleness < 0:
+            raise ConfigError(
+                "train.warmup_steps, train.checkpoint_every and train.max_staleness must be >= 0"
+            )
         if self.optimizer == "sparse_adam" and self.use_gpu:
             raise ConfigError(
                 "train.optimizer = sparse_adam needs sparse gradients, which NCCL cannot "

@@ -29,6 +29,9 @@ TRAIN_METRICS = (
     "time_used_s", "steps", "planned_steps", "step_time_s", "compute_time_s", "comm_fraction",
     "samples_per_s", "train_loss", "val_loss", "val_accuracy", "epochs_run", "resumed_from_step",
     "bytes_per_step", "stop_vote_every",
+    # async mode's parameter server
+    "async_pushes_applied", "async_pushes_dropped", "async_pushes_per_s",
+    "async_server_idle_fraction", "async_staleness_p95", "async_staleness_max",
 )  # fmt: skip
 
 
@@ -71,7 +74,12 @@ def run(ctx: RunContext, out: Path) -> StageResult:
             "loss": [[step, loss] for step, loss in result["losses"]],
             "val_loss": [[h["step"], h["val_loss"]] for h in result["history"]],
             "val_accuracy": [[h["step"], h["val_accuracy"]] for h in result["history"]],
-        },
+        }
+        | (  # async mode: pushes by staleness τ, one point per τ (the step axis is τ)
+            {"async_staleness_pushes": [[int(t), n] for t, n in result["async_staleness"].items()]}
+            if "async_staleness" in result
+            else {}
+        ),
         tags={
             "stopped_by": result["stopped_by"],
             "kernel_reason": result["kernel_reason"],

@@ -51,6 +51,14 @@ class ShardData:
     def num_rows(self) -> int:
         return len(self.labels)
 
+    @classmethod
+    def empty(cls) -> ShardData:
+        """No rows (async mode's server trains on none)."""
+        return cls(
+            ids=np.zeros(0, dtype=np.int32), row_offsets=np.zeros(1, dtype=np.int64),
+            labels=np.zeros(0, dtype=np.int64), weights=np.zeros(0, dtype=np.float32),
+        )  # fmt: skip
+
     def sample(self, fraction: float, seed: int) -> ShardData:
         """A seeded random ``fraction`` of the rows (at least one), for learning curves."""
         if fraction >= 1.0 or self.num_rows == 0:

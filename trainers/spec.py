@@ -129,6 +129,7 @@ class TrainSpec:
             "warmup_steps": t.warmup_steps,
             "sync_every": t.sync_every,
             "exchange_precision": t.exchange_precision,
+            "max_staleness": t.max_staleness,
             "dim": self.model.dim,
             "hidden": "-".join(map(str, self.model.hidden)) or "0",
             "num_buckets": f.num_buckets,
@@ -141,11 +142,13 @@ class TrainSpec:
         the ``train.*`` settings less ``leave_out``, the model, the featurizer, and
         ``early_stop`` when it is off (only then, so that the payload of a run that may stop
         early is what it was before the flag existed, and so are its hashes; the same for
-        ``train.exchange_precision`` at fp32)."""
+        ``train.exchange_precision`` at fp32 and ``train.max_staleness`` outside async mode)."""
         data = self.to_dict()
         train = {k: v for k, v in data["train"].items() if k not in leave_out}
         if train.get("exchange_precision") == "fp32":  # as before the setting existed
             del train["exchange_precision"]
+        if train.get("mode") != "async":  # it changes nothing in the other modes
+            train.pop("max_staleness", None)
         payload = {"train": train, "model": data["model"], "featurizer": data["featurizer"]}
         if not self.early_stop:
             payload["early_stop"] = False

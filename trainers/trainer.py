@@ -29,7 +29,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from core.config import TrainConfig
 from core.errors import ConfigError
-from trainers.data import check_featurizer, load_manifest, read_split
+from trainers import async_ps
+from trainers.data import ShardData, check_featurizer, load_manifest, read_split
 from trainers.exchange import RowExchange
 from trainers.kernels import train_examples, warm_hogwild
 from trainers.model import NgramClassifier, UnsafeFile, load_tensors
@@ -137,6 +138,11 @@ def select_kernel(
             (cfg.precision not in ("fp32", "fp64"), "it computes in fp32 or fp64"),
             (cfg.optimizer not in ("sgd", "adagrad"), "its optimizers are sgd and adagrad"),
             (
+                cfg.mode == "async",
+                "its workers step example by example, and async mode's push gradients of "
+                "mini-batches (train.mode=async)",
+            ),
+            (
                 cfg.mode == "sync" and world_size > 1,
                 "workers average its models or share one (train.mode=local_sgd, shared or auto) "
                 "rather than exchange gradients every step",
@@ -160,7 +166,7 @@ def what_runs(cfg: TrainConfig, device_type: str, hidden: tuple[int, ...]) -> tu
     memory: see :func:`trainers.shared.share_tensors`)."""
     kernel, _ = select_kernel(cfg, device_type, hidden, cfg.world_size)
     sync = select_sync(cfg.mode, kernel, device_type, cfg.world_size)
-    return kernel, {"average": "local_sgd", "shared": "shared"}.get(sync, "sync")
+    return kernel, {"average": "local_sgd", "shared": "shared", "async": "async"}.get(sync, "sync")
 
 
 def select_sync(mode: str, kernel: str, device_type: str, world_size: int = 1) -> str:
@@ -171,7 +177,16 @@ def select_sync(mode: str, kernel: str, device_type: str, world_size: int = 1) -
     step, ``trainers.exchange``) or ``ddp`` (sync mode on GPUs: DDP all-reduces the dense
     gradients over NCCL). ``auto`` mode is ``average`` for the numba kernel (averaged replicas
     generalize better than one shared copy where the budget leaves room to converge: the
-    ``--budget`` planner picks ``shared`` where it does not) and sync for the torch loop."""
+    ``--budget`` planner picks ``shared`` where it does not) and sync for the torch loop.
+    ``async`` (``train.mode=async``): rank 0 serves the parameters, the others push gradients
+    to it (``trainers.async_ps``)."""
+    if mode == "async":
+        if world_size < 2:
+            raise ConfigError(
+                "train.mode = async needs train.world_size >= 2: rank 0 serves the parameters "
+                "and the other ranks train"
+            )
+        return "async"
     if mode == "shared" and kernel != "numba":
         raise ConfigError(
             "train.mode = shared trains Hogwild! with the numba kernel, which does not run here "
@@ -287,10 +302,7 @@ class Trainer:
         check_featurizer(manifest, spec.featurizer_settings(), str(shard_dir))
         self.fingerprint = spec_fingerprint(spec, manifest)
         self.labels: list[str] = manifest["labels"]
-        self.train_data = read_split(shard_dir, "train", self.rank, self.world_size)
-        # reference runs of the error decomposition learn from a seeded share of the rows
-        self.train_data = self.train_data.sample(spec.train_fraction, self.cfg.seed + self.rank)
-        self.val_data = read_split(shard_dir, "validation", self.rank, self.world_size)
+        self.train_rows_total = int(manifest["splits"]["train"]["rows"] * spec.train_fraction)
         torch.manual_seed(self.cfg.seed)
         self.model_spec = spec.model_spec(num_classes=max(len(self.labels), 1))
         # NCCL cannot all-reduce sparse gradients: dense embedding gradients on GPUs.
@@ -301,6 +313,14 @@ class Trainer:
             self.cfg, self.device.type, self.model_spec.hidden, self.world_size
         )
         self.sync = select_sync(self.cfg.mode, self.kernel, self.device.type, self.world_size)
+        self.wire_dtype = WIRE_DTYPES[self.cfg.exchange_precision]
+        self.async_state: dict[str, Any] = {}  # the parameter server's counts (async mode)
+        if self.sync == "async" and self.precision.use_scaler:
+            raise ConfigError(
+                "train.mode = async applies unscaled gradients: use precision bf16 or fp32, "
+                "not fp16"
+            )
+        self._read_data(shard_dir)
         # The numba kernel's optimizer state: one accumulator per embedding row and per class
         # (row-wise Adagrad), torch tensors like the weights, so checkpoints carry them.
         self.kernel_state = kernel_state_for(self.model)
@@ -351,6 +371,28 @@ class Trainer:
         self.stopped_by: str | None = None  # set once training has ended (kept in checkpoints)
         self.vote_every = STOP_CHECK_EVERY  # steps between stop votes, agreed in `_plan`
 
+    def _read_data(self, shard_dir: Path) -> None:
+        """This rank's training and validation rows. In async mode the workers split the
+        training rows among themselves and the server (rank 0) evaluates on all of the
+        validation rows; elsewhere every rank has its share of both."""
+        share, of = self.rank, self.world_size
+        val_share, val_of = share, of
+        if self.sync == "async":
+            share, of = async_ps.worker_share(self.rank, self.world_size)
+            val_share, val_of = (0, 1) if self.rank == 0 else (share, of)
+        self.train_data = (
+            read_split(shard_dir, "train", share, of) if share >= 0 else ShardData.empty()
+        )
+        # reference runs of the error decomposition learn from a seeded share of the rows
+        self.train_data = self.train_data.sample(
+            self.spec.train_fraction, self.cfg.seed + self.rank
+        )
+        self.val_data = (
+            read_split(shard_dir, "validation", val_share, val_of)
+            if self.sync != "async" or self.rank == 0
+            else ShardData.empty()
+        )
+
     # --- pieces -------------------------------------------------------------------------
 
     def _autocast(self):  # noqa: ANN202
@@ -368,8 +410,16 @@ class Trainer:
         w = weights.to(logits.dtype) * known
         return (losses * w).sum() / w.sum().clamp(min=1e-12)
 
+    def loss_of(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The weighted loss of ``batch`` on this rank's model (async mode's workers)."""
+        return self._loss(batch, self.model)
+
+    def lr_factor_now(self) -> float:
+        """The schedule's multiplier of the base learning rates at this step."""
+        return lr_factor(self.step, self.progress, self.cfg.lr_schedule, self.cfg.warmup_steps)
+
     def _set_lr(self) -> None:
-        factor = lr_factor(self.step, self.progress, self.cfg.lr_schedule, self.cfg.warmup_steps)
+        factor = self.lr_factor_now()
         for opt, bases in zip(self.optimizers, self.base_lrs, strict=True):
             for group, base in zip(opt.param_groups, bases, strict=True):
                 group["lr"] = base * factor
@@ -403,7 +453,10 @@ class Trainer:
 
     @property
     def optimizer_name(self) -> str:
-        """The optimizers that actually run: the kernel's, or the embedding's + the dense one's."""
+        """The optimizers that actually run: the kernel's, the parameter server's SGD scaled by
+        staleness, or the embedding's + the dense one's."""
+        if self.sync == "async":
+            return "stale_sgd"
         if self.kernel == "numba":
             return KERNEL_OPTIMIZER[self.cfg.optimizer]
         return f"{self.cfg.optimizer}+{self.cfg.dense_optimizer}"
@@ -419,8 +472,12 @@ class Trainer:
 
     def _count_step(self) -> None:
         """One more step done: the step counter and the schedule's progress move on."""
-        self.progress = advance(self.progress, self.step, self.total_steps, self.cfg.warmup_steps)
+        self.progress_after(self.step)
         self.step += 1
+
+    def progress_after(self, step: int) -> None:
+        """The schedule's progress moves on past ``step``."""
+        self.progress = advance(self.progress, step, self.total_steps, self.cfg.warmup_steps)
 
     def kernel_step(self, rows: np.ndarray) -> float:
         """One step of the numba kernel: the examples ``rows`` one by one, the learning rate
@@ -515,8 +572,9 @@ class Trainer:
         return float(sum(p.detach().double().sum() for p in self.model.parameters()))
 
     @torch.no_grad()
-    def evaluate(self, batch_size: int = 4096) -> dict[str, float]:
-        """Weighted validation loss and accuracy, summed over all ranks."""
+    def evaluate(self, batch_size: int = 4096, *, reduce: bool = True) -> dict[str, float]:
+        """Weighted validation loss and accuracy, summed over all ranks (or, ``reduce=False``,
+        of this rank's validation rows alone: the parameter server's)."""
         self.average_models()
         self.model.eval()
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)
@@ -530,7 +588,8 @@ class Trainer:
             losses = F.cross_entropy(logits, labels.clamp(min=0), reduction="none").double()
             correct = (logits.argmax(1) == labels).double()
             totals += torch.stack([(losses * w).sum(), (correct * w).sum(), w.sum()])
-        dist.all_reduce(totals)
+        if reduce:
+            dist.all_reduce(totals)
         self.model.train()
         denom = max(float(totals[2]), 1e-12)
         return {"val_loss": float(totals[0]) / denom, "val_accuracy": float(totals[1]) / denom}
@@ -605,6 +664,7 @@ class Trainer:
             "stopped_by": self.stopped_by,
             "fingerprint": self.fingerprint,
             "kernel_state": self.kernel_state,
+            "async": self.async_state,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -626,6 +686,7 @@ class Trainer:
         self.stopped_by = state.get("stopped_by")
         for name, value in (state.get("kernel_state") or {}).items():
             self.kernel_state[name].copy_(value)
+        self.async_state = dict(state.get("async") or {})
 
     def _checkpoints(self) -> list[Path]:
         if self.checkpoint_dir is None or not self.checkpoint_dir.is_dir():
@@ -637,7 +698,13 @@ class Trainer:
     def save_checkpoint(self, time_used: float) -> None:
         """Rank 0 writes ``ckpt-<step>.pt`` atomically and keeps the last few; all ranks wait."""
         self.average_models()  # local SGD: a checkpoint holds the consensus model
-        if self.checkpoint_dir is not None and self.rank == 0:
+        if self.rank == 0:
+            self.write_checkpoint(time_used)
+        dist.barrier()
+
+    def write_checkpoint(self, time_used: float) -> None:
+        """``ckpt-<step>.pt``, written atomically by this rank alone; the last few are kept."""
+        if self.checkpoint_dir is not None:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             self.time_used_before, saved = time_used, self.time_used_before
             state = self.state_dict()
@@ -647,7 +714,6 @@ class Trainer:
             tmp.replace(self.checkpoint_dir / f"ckpt-{self.step}.pt")
             for old in self._checkpoints()[:-KEEP_CHECKPOINTS]:
                 old.unlink(missing_ok=True)
-        dist.barrier()
 
     def resume(self) -> bool:
         """Load the newest checkpoint that matches this run, on every rank."""
@@ -675,7 +741,8 @@ class Trainer:
             return True
         return False
 
-    def _maybe_fault(self) -> None:
+    def maybe_fault(self) -> None:
+        """The injected fault of the resume tests, at its rank and step (first attempt only)."""
         if (
             self.resumed_from_step is None
             and os.environ.get(FAULT_RANK_ENV) == str(self.rank)
@@ -690,6 +757,8 @@ class Trainer:
         budget = self.cfg.time_budget_s
         batch_size = self.cfg.batch_size
         self.resume()
+        if self.sync == "async":
+            return self._finish(self._train_async())
         if self.kernel == "numba":
             self._warm_kernel()
         dist.barrier()
@@ -699,10 +768,7 @@ class Trainer:
             raise ConfigError("no training rows on some rank: more data or fewer train.world_size")
         max_epochs = self.cfg.epochs or math.inf
         cap = steps_per_epoch * self.cfg.epochs if self.cfg.epochs else None
-        if self.resumed_from_step is None or self.total_steps <= 1:
-            self.total_steps = cap or UNPLANNED_STEPS
-        elif cap is not None:  # a resumed run keeps its plan until it has timed steps of its own
-            self.total_steps = min(self.total_steps, cap)
+        self.start_schedule(cap)
         launch = (time.monotonic(), self.step)
         every = self.cfg.checkpoint_every
         stopped_by = self.stopped_by or "epochs"
@@ -743,7 +809,7 @@ class Trainer:
                 self.step_in_epoch += 1
                 if self.step % LOSS_EVERY == 0:
                     self.losses.append((self.step, loss))
-                self._maybe_fault()
+                self.maybe_fault()
                 if self.local_sgd and self.step % self.cfg.sync_every == 0:
                     self.average_models()
                 if every and self.step % every == 0:
@@ -759,21 +825,13 @@ class Trainer:
                           f"{now - start:.0f}s of {budget:.0f}s", flush=True)  # fmt: skip
                     last_progress = now
             metrics = self.evaluate()
-            self.history.append({"epoch": epoch + 1, "step": self.step, "loss": loss, **metrics})
-            if self.rank == 0:
-                print(f"[train] epoch {epoch + 1}: val_loss {metrics['val_loss']:.4f} "
-                      f"val_accuracy {metrics['val_accuracy']:.4f}", flush=True)  # fmt: skip
+            self.log_evaluation(epoch + 1, metrics, loss)
             if out_of_time:
                 stopped_by = "budget"
                 break
             self.epoch += 1
             self.step_in_epoch = 0
-            if self.best_val - metrics["val_loss"] >= self.cfg.tolerance:
-                self.evals_without_gain = 0
-            else:
-                self.evals_without_gain += 1
-            self.best_val = min(self.best_val, metrics["val_loss"])
-            if self.spec.early_stop and self.evals_without_gain >= self.cfg.patience:
+            if self.converged(metrics["val_loss"]):
                 stopped_by = "converged"
                 break
             if self._agree(time.monotonic() - start >= budget):
@@ -798,19 +856,32 @@ class Trainer:
         elif probe_steps_seconds > 0:
             comm = max(0.0, probe_fwd_bwd - probe_seconds)
             comm_fraction = min(1.0, comm / probe_steps_seconds)
-        result = {
-            "stopped_by": stopped_by,
-            "train_rows": self.train_data.num_rows,
-            "time_used_s": time_used,
+        return self._finish(
+            self._result()
+            | {
+                "train_rows": self.train_data.num_rows,
+                "time_used_s": time_used,
+                "step_time_s": step_time,
+                "compute_time_s": step_time * (1.0 - comm_fraction),
+                "comm_fraction": comm_fraction,
+                "samples_per_s": samples * self.world_size / max(step_seconds + outside, 1e-9),
+                "train_loss": loss,
+                "bytes_per_step": self.bytes_sent / max(steps_here, 1)
+                if self.local_sgd or self.exchange_rows or self.shared
+                else math.nan,
+                "stop_vote_every": self.vote_every,
+            }
+        )
+
+    def _result(self) -> dict[str, Any]:
+        """What every mode's result says: where and why it stopped, the validation curve,
+        and what ran."""
+        return {
+            "stopped_by": self.stopped_by,
             "steps": self.step,
             "planned_steps": None if self.total_steps >= UNPLANNED_STEPS else self.total_steps,
             "resumed_from_step": self.resumed_from_step,
             "epochs_run": len(self.history),
-            "step_time_s": step_time,
-            "compute_time_s": step_time * (1.0 - comm_fraction),
-            "comm_fraction": comm_fraction,
-            "samples_per_s": samples * self.world_size / max(step_seconds + outside, 1e-9),
-            "train_loss": loss,
             "val_loss": self.history[-1]["val_loss"] if self.history else math.nan,
             "val_accuracy": self.history[-1]["val_accuracy"] if self.history else math.nan,
             "history": self.history,
@@ -819,16 +890,68 @@ class Trainer:
             "world_size": self.world_size,
             "device": str(self.device),
             "kernel": self.kernel,
-            "bytes_per_step": self.bytes_sent / max(steps_here, 1)
-            if self.local_sgd or self.exchange_rows or self.shared
-            else math.nan,
             "kernel_reason": self.kernel_reason,
-            "stop_vote_every": self.vote_every,
             "sync": self.sync,
             "sync_reason": self.sync_reason,
             "optimizer": self.optimizer_name,
             "precision": self.precision.name,
         }
+
+    def log_evaluation(self, epoch: int, metrics: dict[str, float], loss: float) -> None:
+        """Keep an evaluation in the history (and print it on rank 0)."""
+        self.history.append({"epoch": epoch, "step": self.step, "loss": loss, **metrics})
+        if self.rank == 0:
+            print(f"[train] epoch {epoch}: val_loss {metrics['val_loss']:.4f} "
+                  f"val_accuracy {metrics['val_accuracy']:.4f}", flush=True)  # fmt: skip
+
+    def converged(self, val_loss: float) -> bool:
+        """Count an evaluation against ρ and the patience: True once ``patience`` evaluations in
+        a row have not improved on the best validation loss by ``tolerance`` (and the run may
+        stop early)."""
+        if self.best_val - val_loss >= self.cfg.tolerance:
+            self.evals_without_gain = 0
+        else:
+            self.evals_without_gain += 1
+        self.best_val = min(self.best_val, val_loss)
+        return self.spec.early_stop and self.evals_without_gain >= self.cfg.patience
+
+    def start_schedule(self, cap: int | None) -> None:
+        """The steps the learning rates decay over until the first plan: ``cap`` (epochs ×
+        steps per epoch) or none; a resumed run keeps its plan until it has timed steps of its
+        own."""
+        if self.resumed_from_step is None or self.total_steps <= 1:
+            self.total_steps = cap or UNPLANNED_STEPS
+        elif cap is not None:
+            self.total_steps = min(self.total_steps, cap)
+
+    def plan_pushes(
+        self, start: float, launch: tuple[float, int], pushes: int, cap: int | None
+    ) -> None:
+        """Async mode's plan, on the server alone: the steps the learning rate decays over are
+        those the rest of the budget leaves room for at this launch's pushes per second, at
+        most ``cap``."""
+        now = time.monotonic()
+        per_push = (now - launch[0]) / max(pushes - launch[1], 1)
+        room = max(self.cfg.time_budget_s - (now - start), 0.0) / max(per_push, 1e-9)
+        total = self.step + math.floor(room)
+        self.total_steps = max(total if cap is None else min(cap, total), self.step + 1)
+
+    def _train_async(self) -> dict[str, Any]:
+        """``train.mode=async``: rank 0 serves, the other ranks work (``trainers.async_ps``)."""
+        dist.barrier()
+        part = async_ps.serve(self) if self.rank == 0 else async_ps.work(self)
+        return (
+            self._result()
+            | {
+                "train_rows": self.train_rows_total if self.rank == 0 else self.train_data.num_rows,
+                "compute_time_s": part.get("step_time_s", math.nan),
+                "stop_vote_every": None,
+            }
+            | part
+        )
+
+    def _finish(self, result: dict[str, Any]) -> dict[str, Any]:
+        """Rank 0 saves the model and the result; every rank records where it stopped."""
         if self.rank == 0:
             self._save(result)
         # Every rank records where it stopped: they must agree (checked by the tests).

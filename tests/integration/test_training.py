@@ -365,6 +365,79 @@ def test_shared_mode_trains_one_copy_and_resumes_after_a_killed_rank(shards, tmp
     assert fallback["sync"] == "average" and "no room for" in fallback["sync_reason"]
 
 
+def test_async_with_one_worker_is_plain_sgd_step_for_step(shards, tmp_path):
+    """train.mode=async with one worker (rank 0 serves, rank 1 trains): every push is applied
+    at the version it was pulled at (τ = 0, the full step), so the served model is plain SGD's
+    on the worker's batches, step for step."""
+    cfg, shard_dir = shards
+    spec = _spec(cfg, shard_dir, tmp_path / "async", world_size=2, mode="async", epochs=2,
+                 batch_size=32, lr=2.0, lr_schedule="constant", precision="fp64",
+                 checkpoint_every=0)  # fmt: skip
+    result = launch_processes(spec)
+    assert (result["sync"], result["optimizer"], result["kernel"]) == (
+        "async",
+        "stale_sgd",
+        "torch",
+    )
+    assert (
+        result["async_staleness"] == {"0": result["steps"]} and result["async_pushes_dropped"] == 0
+    )
+    assert result["stopped_by"] == "epochs" and result["epochs_run"] == 2
+    served = torch.load(tmp_path / "async" / "model.pt", weights_only=True)["state_dict"]
+
+    # the same batches in this process: the worker's share is all the rows, its shuffle is
+    # seeded by its rank (1), and it starts from the same seeded model
+    one = dataclasses.replace(spec.with_train(world_size=1, mode="sync"),
+                              out_dir=str(tmp_path / "plain"))  # fmt: skip
+    with _group_of_one(tmp_path):
+        plain = Trainer(one)
+    model, data = plain.model, plain.train_data
+    steps = 0
+    for epoch in range(2):
+        order = np.random.default_rng([cfg.train.seed, epoch, 1]).permutation(data.num_rows)
+        for start in range(0, data.num_rows, 32):
+            for p in model.parameters():
+                p.grad = None
+            plain.loss_of(data.batch(order[start : start + 32])).backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(p.grad, alpha=-2.0)
+            steps += 1
+    assert steps == result["steps"]
+    for name, value in model.state_dict().items():
+        assert torch.allclose(served[name].double(), value.double(), atol=1e-6), name
+
+
+def test_async_workers_push_stale_gradients_and_a_killed_worker_resumes(
+    shards, tmp_path, monkeypatch
+):
+    """Two workers and a server: pushes arrive a version or more late and are applied at
+    η₀/τ; a worker killed mid-run fails the run, and the rerun resumes from the server's
+    checkpoint, each worker from its own place, and learns."""
+    cfg, shard_dir = shards
+    spec = _spec(cfg, shard_dir, tmp_path, world_size=3, mode="async", epochs=4, batch_size=16,
+                 lr=8.0, checkpoint_every=10, time_budget_s=60, exchange_precision="bf16")  # fmt: skip
+    monkeypatch.setenv(FAULT_RANK_ENV, "2")
+    monkeypatch.setenv(FAULT_STEP_ENV, "15")
+    with pytest.raises(StageError, match="rerun to resume"):
+        launch_processes(spec)
+    saved = sorted(int(p.stem[5:]) for p in (tmp_path / "checkpoints").glob("ckpt-*.pt"))
+    assert saved and saved[-1] >= 10 and not (tmp_path / "model.pt").exists()
+    monkeypatch.delenv(FAULT_RANK_ENV)
+    result = launch_processes(spec)
+    assert result["resumed_from_step"] == saved[-1] and result["stopped_by"] == "epochs"
+    staleness = {int(k): v for k, v in result["async_staleness"].items()}
+    assert (
+        sum(staleness.values()) == result["async_pushes_applied"] + result["async_pushes_dropped"]
+    )
+    assert max(staleness) >= 1 and result["async_staleness_max"] == max(staleness)
+    assert result["async_pushes_applied"] == result["steps"] > 2 * saved[-1]
+    ranks = {r["rank"]: r for r in _ranks(tmp_path)}
+    # each worker did its 4 epochs of its half of the rows, the server applied them all
+    assert ranks[1]["steps"] + ranks[2]["steps"] == result["steps"]
+    assert result["val_accuracy"] > 0.6 and result["bytes_per_step"] > 0
+
+
 def test_distributor_reports_a_killed_rank_and_the_rerun_resumes(shards, tmp_path, monkeypatch):
     """TorchDistributor local mode (the train stage's launcher) fails the run when a rank dies;
     the rerun resumes from the last checkpoint under any launcher (here torch.multiprocessing,

@@ -108,6 +108,7 @@ def test_checkpoints_of_the_untyped_spec_still_match():
             if k not in ("time_budget_s", "epochs", "timeout_s", "patience", "launcher")  # newer
             and not k.startswith("auto")  # newer too
             and k != "exchange_precision"  # newer, and left out at fp32
+            and k != "max_staleness"  # newer, and left out outside async mode
         },
         "model": {"dim": cfg.model.dim, "hidden": list(cfg.model.hidden)},
         "featurizer": Featurizer.from_config(cfg.featurizer).settings(),
@@ -117,3 +118,7 @@ def test_checkpoints_of_the_untyped_spec_still_match():
     assert spec_fingerprint(spec, manifest) == digest
     # a setting newer than a checkpoint counts only away from its default
     assert spec_fingerprint(spec.with_train(exchange_precision="fp16"), manifest) != digest
+    async_spec = spec.with_train(mode="async")
+    assert spec_fingerprint(async_spec.with_train(max_staleness=4), manifest) != spec_fingerprint(
+        async_spec, manifest
+    )
