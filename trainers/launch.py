@@ -215,7 +215,10 @@ def torchrun_main(argv: list[str] | None = None) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print(
             json.dumps(
-                {k: result[k] for k in ("stopped_by", "steps", "time_used_s", "val_accuracy")}
+                {
+                    k: result[k]
+                    for k in ("stopped_by", "steps", "time_used_s", "val_accuracy", "sync")
+                }
             )
         )
     return 0

@@ -460,9 +460,13 @@ def test_distributor_reports_a_killed_rank_and_the_rerun_resumes(shards, tmp_pat
 
 
 def test_torchrun_launch_of_the_same_trainer(shards, tmp_path):
+    """torchrun starts the trainer from a spec file; here in async mode (a parameter server and
+    one worker: the launcher is what is under test, and the other modes' processes meet the
+    same way)."""
     cfg, shard_dir = shards
     spec_path = tmp_path / "train_spec.json"
-    _spec(cfg, shard_dir, tmp_path / "unused", world_size=2, epochs=2).write(spec_path)
+    _spec(cfg, shard_dir, tmp_path / "unused", world_size=2, epochs=2, mode="async",
+          lr=2.0).write(spec_path)  # fmt: skip
     torchrun = Path(sys.executable).with_name("torchrun")
     env = os.environ | {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -472,7 +476,7 @@ def test_torchrun_launch_of_the_same_trainer(shards, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     printed = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert printed["stopped_by"] == "epochs"
+    assert printed["stopped_by"] == "epochs" and printed["sync"] == "async"
     assert (tmp_path / "out" / "model.pt").exists()
     assert len(_ranks(tmp_path / "out")) == 2
 
