@@ -255,6 +255,11 @@ class TrainConfig:
     max_staleness: int = 32
     """``async`` mode: a push computed more than this many server versions ago is dropped (and
     counted) instead of applied."""
+    lambda_max: float | None = None
+    """The largest eigenvalue of the loss's Hessian in the embedding block, where known (``--budget``
+    measures it; null: unknown). ``async`` mode then caps its rate so that η₀·λ_max stays at
+    ``auto_lr_safety`` of the stability bound for its pushes' 95th-percentile staleness τ,
+    max(τ, 1)·2·sin(π/(4τ+2))."""
     exchange_precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     """The precision gradients travel in between workers in ``sync`` mode: the row exchange on
     CPU (rows and dense gradients cast for the wire, summed back in the model's precision), or
@@ -339,6 +344,8 @@ class TrainConfig:
             raise ConfigError(f"train.auto_delta = {self.auto_delta}: must be in (0, 1)")
         if self.epochs is not None and self.epochs <= 0:
             raise ConfigError(f"train.epochs = {self.epochs}: must be positive, or null for no cap")
+        if self.lambda_max is not None and not self.lambda_max > 0:
+            raise ConfigError(f"train.lambda_max = {self.lambda_max}: must be positive, or null")
         if self.warmup_steps < 0 or self.checkpoint_every < 0 or self.max_staleness < 0:
             raise ConfigError(
                 "train.warmup_steps, train.checkpoint_every and train.max_staleness must be >= 0"

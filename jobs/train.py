@@ -32,6 +32,7 @@ TRAIN_METRICS = (
     # async mode's parameter server
     "async_pushes_applied", "async_pushes_dropped", "async_pushes_per_s",
     "async_server_idle_fraction", "async_staleness_p95", "async_staleness_max",
+    "async_lr_cap", "async_lr_capped_pushes",
 )  # fmt: skip
 
 

@@ -43,7 +43,7 @@ import torch.distributed as dist
 from core.config import TrainConfig
 from trainers.data import ShardData
 from trainers.model import NgramClassifier
-from trainers.staleness import StaleServer
+from trainers.staleness import StaleServer, staleness_lr_cap
 
 REQUEST, REPLY = 1, 2  # message tags: a worker's request, the server's reply
 # request header fields
@@ -53,6 +53,7 @@ HEADER = 12
 HELLO, PUSH, DONE = 0.0, 1.0, 2.0  # request kinds: first pull only; push and pull; last push
 STOP_REASONS = ("", "budget", "converged", "epochs")  # a reply's second field (0: go on)
 PLAN_EVERY = 50  # applied pushes between re-plans of the learning-rate schedule
+OBSERVED_AFTER = 20  # pushes before the staleness cap uses their 95th percentile
 
 
 class Trainer(Protocol):
@@ -162,6 +163,7 @@ def serve(trainer: Trainer) -> dict[str, Any]:
     start = time.monotonic() - trainer.time_used_before
     budget = cfg.time_budget_s
     waiting_s = 0.0
+    capped, lr_cap = 0, math.nan  # pushes the staleness cap lowered the rate of; the last cap
 
     def receive() -> tuple[int, list[float], tuple | None, torch.Tensor | None]:
         nonlocal waiting_s
@@ -230,8 +232,17 @@ def serve(trainer: Trainer) -> dict[str, Any]:
             stopped_by = "budget"
         if grads is not None and stopped_by is None:
             rows, values, flat = grads
-            factor = trainer.lr_factor_now()
-            server.lr0 = cfg.lr * factor
+            server.lr0 = cfg.lr * trainer.lr_factor_now()
+            if cfg.lambda_max is not None:  # the staleness-aware cap
+                seen = sum(server.staleness.values())
+                tau = (
+                    int(_quantile(server.staleness, 0.95))
+                    if seen >= OBSERVED_AFTER
+                    else workers - 1
+                )
+                lr_cap = staleness_lr_cap(cfg.lambda_max, tau, cfg.auto_lr_safety)
+                capped += server.lr0 > lr_cap
+                server.lr0 = min(server.lr0, lr_cap)
             offset, dense_grads = 0, []
             for p in dense:
                 dense_grads.append(flat[offset : offset + p.numel()].view_as(p))
@@ -283,6 +294,11 @@ def serve(trainer: Trainer) -> dict[str, Any]:
         "async_staleness_p95": _quantile(hist, 0.95),
         "async_staleness_max": max(hist, default=0),
         "async_staleness": hist,
+        **(
+            {"async_lr_cap": lr_cap, "async_lr_capped_pushes": capped}
+            if cfg.lambda_max is not None
+            else {}
+        ),
     }
 
 

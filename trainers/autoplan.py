@@ -8,8 +8,10 @@ probe of the training rows, not from a grid; every choice keeps the measurement 
 - **Learning-rate cap** from the largest Hessian eigenvalue λ_max, found by power iteration on
   Hessian-vector products (finite differences of gradients, checked against double backward):
   plain gradient descent is stable on a quadratic only while η < 2/λ_max, so η ≤ c·2/λ_max
-  (c = ``auto.lr_safety``) where the optimizer takes plain steps (``sgd``); Adagrad scales its
-  steps by the gradients' history, and the cap is reported, not applied.
+  (c = ``auto.lr_safety``) where the optimizer takes plain steps (``sgd``, and async mode's
+  server); Adagrad scales its steps by the gradients' history, and the cap is reported, not
+  applied. In async mode λ_max goes to the server too (``train.lambda_max``), which caps its
+  rate by the stability bound at the staleness its pushes arrive with.
 - **Precision** from measured step times: T_sol = N_it × T_step, and lower precision leaves N_it
   about as it is on this model, so the faster step wins when it is faster by a clear margin.
 - **Mode** of the numba kernel's workers (``train.mode=auto``, more than one worker) from its
@@ -358,7 +360,7 @@ def plan(
     exact = hvp_double_backward(probe.loss, probe.params, v)
     diff = _norm([a - b for a, b in zip(fd, exact, strict=True)]) / max(_norm(exact), 1e-30)
     cap = lr_safety * 2.0 / lam if lam > 0 else None
-    applied = optimizer == "sgd" and cap is not None
+    applied = (optimizer == "sgd" or mode == "async") and cap is not None  # plain SGD steps
     value = min(lr, cap) if applied else lr
     choices.append(Choice(
         "train.lr", value,
@@ -369,6 +371,13 @@ def plan(
         {"lambda_max": lam, "power_iterations": iters, "lr_cap": cap, "hvp_fd_vs_exact": diff,
          "seconds": time.perf_counter() - t0},
     ))  # fmt: skip
+    if mode == "async" and lam > 0:
+        choices.append(Choice(
+            "train.lambda_max", lam,
+            f"async: the server caps its rate at c x max(tau, 1) x 2 sin(pi/(4 tau + 2)) / "
+            f"lambda_max, tau its pushes' 95th-percentile staleness (c = {lr_safety})",
+            {"lambda_max": lam},
+        ))  # fmt: skip
 
     t0 = time.perf_counter()
     rows = min(batch, len(probe.weights))

@@ -135,7 +135,7 @@ class TrainSpec:
             "num_buckets": f.num_buckets,
             "word_ngrams": f.word_ngrams,
             "char_ngrams": f"{f.char_ngram_min}-{f.char_ngram_max}",
-        }
+        } | ({"lambda_max": t.lambda_max} if t.lambda_max is not None else {})
 
     def settings_payload(self, *, leave_out: tuple[str, ...]) -> dict[str, Any]:
         """What decides the trained model, as plain JSON data for fingerprints and cache keys:
@@ -147,8 +147,11 @@ class TrainSpec:
         train = {k: v for k, v in data["train"].items() if k not in leave_out}
         if train.get("exchange_precision") == "fp32":  # as before the setting existed
             del train["exchange_precision"]
-        if train.get("mode") != "async":  # it changes nothing in the other modes
+        if train.get("mode") != "async":  # they change nothing in the other modes
             train.pop("max_staleness", None)
+            train.pop("lambda_max", None)
+        elif train.get("lambda_max") is None:
+            train.pop("lambda_max", None)
         payload = {"train": train, "model": data["model"], "featurizer": data["featurizer"]}
         if not self.early_stop:
             payload["early_stop"] = False

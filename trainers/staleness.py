@@ -38,6 +38,18 @@ def stability_bound(tau: int) -> float:
     return 2.0 * math.sin(math.pi / (4 * tau + 2))
 
 
+def scaled_bound(tau: int) -> float:
+    """The largest stable η₀·a where a push of staleness ``tau`` steps by η₀ / max(τ, 1):
+    max(τ, 1)·2·sin(π/(4τ+2)) (2 fresh, 1 at τ = 1, then rising towards π/2)."""
+    return max(tau, 1) * stability_bound(tau)
+
+
+def staleness_lr_cap(lambda_max: float, tau: int, safety: float) -> float:
+    """The rate η₀ that keeps η₀·λ_max at ``safety`` of :func:`scaled_bound` for staleness
+    ``tau`` (async mode's cap, with τ its pushes' 95th percentile)."""
+    return safety * scaled_bound(tau) / lambda_max
+
+
 def stale_lr(lr0: float, tau: int) -> float:
     """The step a push of staleness ``tau`` is applied with: η₀ / max(τ, 1)."""
     return lr0 / max(tau, 1)

@@ -29,6 +29,7 @@ from trainers.model import UnsafeFile
 from trainers.predictor import Predictor
 from trainers.shared import DIR_ENV
 from trainers.spec import TrainSpec
+from trainers.staleness import staleness_lr_cap
 from trainers.trainer import FAULT_RANK_ENV, FAULT_STEP_ENV, STOP_CHECK_EVERY, Trainer, lr_factor
 
 pytestmark = pytest.mark.integration
@@ -412,11 +413,13 @@ def test_async_workers_push_stale_gradients_and_a_killed_worker_resumes(
     shards, tmp_path, monkeypatch
 ):
     """Two workers and a server: pushes arrive a version or more late and are applied at
-    η₀/τ; a worker killed mid-run fails the run, and the rerun resumes from the server's
-    checkpoint, each worker from its own place, and learns."""
+    η₀/τ, with the rate capped by the stability bound at the pushes' 95th-percentile
+    staleness (λ_max given); a worker killed mid-run fails the run, and the rerun resumes from
+    the server's checkpoint, each worker from its own place, and learns."""
     cfg, shard_dir = shards
     spec = _spec(cfg, shard_dir, tmp_path, world_size=3, mode="async", epochs=4, batch_size=16,
-                 lr=8.0, checkpoint_every=10, time_budget_s=60, exchange_precision="bf16")  # fmt: skip
+                 lr=16.0, checkpoint_every=10, time_budget_s=60, exchange_precision="bf16",
+                 lambda_max=0.05)  # fmt: skip
     monkeypatch.setenv(FAULT_RANK_ENV, "2")
     monkeypatch.setenv(FAULT_STEP_ENV, "15")
     with pytest.raises(StageError, match="rerun to resume"):
@@ -436,6 +439,11 @@ def test_async_workers_push_stale_gradients_and_a_killed_worker_resumes(
     # each worker did its 4 epochs of its half of the rows, the server applied them all
     assert ranks[1]["steps"] + ranks[2]["steps"] == result["steps"]
     assert result["val_accuracy"] > 0.6 and result["bytes_per_step"] > 0
+    # the cap at the observed staleness (τ95 >= 1: under 0.5 x (π/2) / 0.05 = 15.7) bound the rate
+    tau95 = int(result["async_staleness_p95"])
+    assert tau95 >= 1
+    assert result["async_lr_cap"] == pytest.approx(staleness_lr_cap(0.05, tau95, 0.5))
+    assert result["async_lr_cap"] < 16.0 and result["async_lr_capped_pushes"] > 0
 
 
 def test_distributor_reports_a_killed_rank_and_the_rerun_resumes(shards, tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ from trainers.staleness import (
     diverges,
     stability_bound,
     stale_lr,
+    staleness_lr_cap,
 )
 
 
@@ -84,3 +85,18 @@ def test_the_divergence_threshold_is_found_at_the_bound():
     # the staleness-aware step: eta0 bounded by max(tau, 1) x the bound, above 1 for every tau
     scaled = divergence_threshold(4, steps=1500, tol=5e-3, scale=True)
     assert scaled == pytest.approx(4 * stability_bound(4), rel=0.02) and scaled > 1
+
+
+def test_the_staleness_cap_by_hand():
+    """η₀ ≤ c·max(τ, 1)·2·sin(π/(4τ+2))/λ_max: at λ_max = 4 and c = 0.5, 0.25 fresh (the plain
+    2/λ bound), 0.125 at τ = 1 (the tightest: a full step one version late), 0.5·2·2·sin(π/10)/4
+    = 0.1545 at τ = 2, towards 0.5·(π/2)/4 = 0.196 as τ grows; and a step that the cap allows
+    at the observed τ does not diverge there, while twice the bound does."""
+    assert staleness_lr_cap(4.0, 0, 0.5) == pytest.approx(0.25)
+    assert staleness_lr_cap(4.0, 1, 0.5) == pytest.approx(0.125)
+    assert staleness_lr_cap(4.0, 2, 0.5) == pytest.approx(0.15451, abs=1e-5)
+    assert staleness_lr_cap(4.0, 1000, 0.5) == pytest.approx(0.19635, abs=1e-4)
+    for tau in (1, 3):
+        # on f(x) = x²/2 (a = 1), with the server's staleness-scaled steps
+        assert not diverges(staleness_lr_cap(1.0, tau, 0.9), tau, 600, scale=True)
+        assert diverges(staleness_lr_cap(1.0, tau, 2.0), tau, 600, scale=True)
