@@ -10,8 +10,9 @@ probe of the training rows, not from a grid; every choice keeps the measurement 
   plain gradient descent is stable on a quadratic only while η < 2/λ_max, so η ≤ c·2/λ_max
   (c = ``auto.lr_safety``) where the optimizer takes plain steps (``sgd``, and async mode's
   server); Adagrad scales its steps by the gradients' history, and the cap is reported, not
-  applied. In async mode λ_max goes to the server too (``train.lambda_max``), which caps its
-  rate by the stability bound at the staleness its pushes arrive with.
+  applied. In async mode, whose server steps every parameter at ``train.lr``, λ_max is the whole
+  model's and goes to the server too (``train.lambda_max``), which caps its rate by the
+  stability bound at the staleness its pushes arrive with.
 - **Precision** from measured step times: T_sol = N_it × T_step, and lower precision leaves N_it
   about as it is on this model, so the faster step wins when it is faster by a clear margin.
 - **Mode** of the numba kernel's workers (``train.mode=auto``, more than one worker) from its
@@ -349,8 +350,9 @@ def plan(
     ))  # fmt: skip
 
     t0 = time.perf_counter()
-    # the embedding's block: train.lr is the embedding table's rate
-    block = [True] + [False] * (len(probe.params) - 1)
+    # the embedding's block: train.lr is the embedding table's rate; in async mode the server
+    # steps every parameter at train.lr, so all of them
+    block = None if mode == "async" else [True] + [False] * (len(probe.params) - 1)
     lam, iters = top_eigenvalue(
         lambda v: hvp_finite_difference(probe.loss, probe.params, v), probe.params, seed=seed,
         block=block,
@@ -364,8 +366,8 @@ def plan(
     value = min(lr, cap) if applied else lr
     choices.append(Choice(
         "train.lr", value,
-        (f"cap c x 2/lambda_max = {cap or math.inf:.4g} (lambda_max {lam:.4g} of the embedding "
-         f"block, {iters} power iterations); "
+        (f"cap c x 2/lambda_max = {cap or math.inf:.4g} (lambda_max {lam:.4g} of the "
+         f"{'whole model' if block is None else 'embedding block'}, {iters} power iterations); "
          + ("applied, as plain SGD steps" if applied else
             f"reported only: {optimizer} scales its own steps")),
         {"lambda_max": lam, "power_iterations": iters, "lr_cap": cap, "hvp_fd_vs_exact": diff,
