@@ -366,49 +366,6 @@ def test_shared_mode_trains_one_copy_and_resumes_after_a_killed_rank(shards, tmp
     assert fallback["sync"] == "average" and "no room for" in fallback["sync_reason"]
 
 
-def test_async_with_one_worker_is_plain_sgd_step_for_step(shards, tmp_path):
-    """train.mode=async with one worker (rank 0 serves, rank 1 trains): every push is applied
-    at the version it was pulled at (τ = 0, the full step), so the served model is plain SGD's
-    on the worker's batches, step for step."""
-    cfg, shard_dir = shards
-    spec = _spec(cfg, shard_dir, tmp_path / "async", world_size=2, mode="async", epochs=2,
-                 batch_size=32, lr=2.0, lr_schedule="constant", precision="fp64",
-                 checkpoint_every=0)  # fmt: skip
-    result = launch_processes(spec)
-    assert (result["sync"], result["optimizer"], result["kernel"]) == (
-        "async",
-        "stale_sgd",
-        "torch",
-    )
-    assert (
-        result["async_staleness"] == {"0": result["steps"]} and result["async_pushes_dropped"] == 0
-    )
-    assert result["stopped_by"] == "epochs" and result["epochs_run"] == 2
-    served = torch.load(tmp_path / "async" / "model.pt", weights_only=True)["state_dict"]
-
-    # the same batches in this process: the worker's share is all the rows, its shuffle is
-    # seeded by its rank (1), and it starts from the same seeded model
-    one = dataclasses.replace(spec.with_train(world_size=1, mode="sync"),
-                              out_dir=str(tmp_path / "plain"))  # fmt: skip
-    with _group_of_one(tmp_path):
-        plain = Trainer(one)
-    model, data = plain.model, plain.train_data
-    steps = 0
-    for epoch in range(2):
-        order = np.random.default_rng([cfg.train.seed, epoch, 1]).permutation(data.num_rows)
-        for start in range(0, data.num_rows, 32):
-            for p in model.parameters():
-                p.grad = None
-            plain.loss_of(data.batch(order[start : start + 32])).backward()
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.add_(p.grad, alpha=-2.0)
-            steps += 1
-    assert steps == result["steps"]
-    for name, value in model.state_dict().items():
-        assert torch.allclose(served[name].double(), value.double(), atol=1e-6), name
-
-
 def test_async_workers_push_stale_gradients_and_a_killed_worker_resumes(
     shards, tmp_path, monkeypatch
 ):
@@ -467,26 +424,58 @@ def test_distributor_reports_a_killed_rank_and_the_rerun_resumes(shards, tmp_pat
     assert ranks[0]["steps"] == ranks[1]["steps"] == result["steps"]
 
 
-def test_torchrun_launch_of_the_same_trainer(shards, tmp_path):
-    """torchrun starts the trainer from a spec file; here in async mode (a parameter server and
-    one worker: the launcher is what is under test, and the other modes' processes meet the
-    same way)."""
+def test_torchrun_launches_async_mode_whose_one_worker_is_plain_sgd_step_for_step(shards, tmp_path):
+    """torchrun starts the trainer from a spec file, here in async mode with one worker (rank 0
+    serves, rank 1 trains; the other modes' processes meet the same way): every push is applied
+    at the version it was pulled at (τ = 0, the full step), so the served model is plain SGD's
+    on the worker's batches, step for step."""
     cfg, shard_dir = shards
-    spec_path = tmp_path / "train_spec.json"
-    _spec(cfg, shard_dir, tmp_path / "unused", world_size=2, epochs=2, mode="async",
-          lr=2.0).write(spec_path)  # fmt: skip
+    spec = _spec(cfg, shard_dir, tmp_path / "unused", world_size=2, mode="async", epochs=2,
+                 batch_size=32, lr=2.0, lr_schedule="constant", precision="fp64",
+                 checkpoint_every=0)  # fmt: skip
+    spec.write(tmp_path / "train_spec.json")
     torchrun = Path(sys.executable).with_name("torchrun")
     env = os.environ | {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [str(torchrun), "--standalone", "--nnodes", "1", "--nproc-per-node", "2",
-         "-m", "trainers.launch", str(spec_path), "--out", str(tmp_path / "out")],
+         "-m", "trainers.launch", str(tmp_path / "train_spec.json"), "--out", str(tmp_path / "out")],
         capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     printed = json.loads(proc.stdout.strip().splitlines()[-1])
     assert printed["stopped_by"] == "epochs" and printed["sync"] == "async"
-    assert (tmp_path / "out" / "model.pt").exists()
     assert len(_ranks(tmp_path / "out")) == 2
+    result = json.loads((tmp_path / "out" / "train_result.json").read_text())
+    assert (result["optimizer"], result["kernel"], result["epochs_run"]) == (
+        "stale_sgd",
+        "torch",
+        2,
+    )
+    assert result["async_staleness"] == {"0": result["steps"]}
+    assert result["async_pushes_dropped"] == 0
+    served = torch.load(tmp_path / "out" / "model.pt", weights_only=True)["state_dict"]
+
+    # the same batches in this process: the worker's share is all the rows, its shuffle is
+    # seeded by its rank (1), and it starts from the same seeded model
+    one = dataclasses.replace(spec.with_train(world_size=1, mode="sync"),
+                              out_dir=str(tmp_path / "plain"))  # fmt: skip
+    with _group_of_one(tmp_path):
+        plain = Trainer(one)
+    model, data = plain.model, plain.train_data
+    steps = 0
+    for epoch in range(2):
+        order = np.random.default_rng([cfg.train.seed, epoch, 1]).permutation(data.num_rows)
+        for start in range(0, data.num_rows, 32):
+            for p in model.parameters():
+                p.grad = None
+            plain.loss_of(data.batch(order[start : start + 32])).backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(p.grad, alpha=-2.0)
+            steps += 1
+    assert steps == result["steps"]
+    for name, value in model.state_dict().items():
+        assert torch.allclose(served[name].double(), value.double(), atol=1e-6), name
 
 
 @pytest.mark.slow
