@@ -108,7 +108,7 @@ def test_checkpoints_of_the_untyped_spec_still_match():
             if k not in ("time_budget_s", "epochs", "timeout_s", "patience", "launcher")  # newer
             and not k.startswith("auto")  # newer too
             and k != "exchange_precision"  # newer, and left out at fp32
-            and k != "max_staleness"  # newer, and left out outside async mode
+            and k not in ("max_staleness", "lambda_max")  # newer, left out outside async mode
         },
         "model": {"dim": cfg.model.dim, "hidden": list(cfg.model.hidden)},
         "featurizer": Featurizer.from_config(cfg.featurizer).settings(),
@@ -119,6 +119,7 @@ def test_checkpoints_of_the_untyped_spec_still_match():
     # a setting newer than a checkpoint counts only away from its default
     assert spec_fingerprint(spec.with_train(exchange_precision="fp16"), manifest) != digest
     async_spec = spec.with_train(mode="async")
-    assert spec_fingerprint(async_spec.with_train(max_staleness=4), manifest) != spec_fingerprint(
-        async_spec, manifest
-    )
+    for change in ({"max_staleness": 4}, {"lambda_max": 0.2}):
+        assert spec_fingerprint(async_spec.with_train(**change), manifest) != spec_fingerprint(
+            async_spec, manifest
+        )
