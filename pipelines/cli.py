@@ -113,6 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
     swp.add_argument("--run-date", help="the run date whose shards to use (default: today, UTC)")
     swp.set_defaults(handler=cmd_sweep)
 
+    pln = sub.add_parser(
+        "plan", help="predict samples/s per mode and worker count (the alpha-beta model)"
+    )
+    _common(pln)
+    pln.add_argument("--run-date", help="the run date whose shards to use (default: today, UTC)")
+    pln.add_argument("--workers", type=_worker_counts, default=[1, 2, 4, 8, 16],
+                     help="world sizes to predict, e.g. 1,2,4,8,16 (the default)")  # fmt: skip
+    pln.add_argument("--bandwidth", type=float, help="bytes/s between workers (default: measured)")
+    pln.add_argument("--latency", type=float, help="seconds a message (default: measured)")
+    pln.set_defaults(handler=cmd_plan)
+
     rep = sub.add_parser("report", help="a run's summary from MLflow")
     _common(rep)
     rep.add_argument("run_id", nargs="?", help="parent run id (default: the latest run)")
@@ -140,6 +151,30 @@ def parse_duration(text: str) -> float:
             f"{text!r}: a positive duration in seconds, or with a unit (90, 90s, 10m, 1h)"
         )
     return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+
+
+def _worker_counts(text: str) -> list[int]:
+    """``1,2,4``: positive worker counts."""
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: worker counts such as 1,2,4,8,16")
+    return counts
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    # start-up speed: torch and the measuring code only for this command
+    from pipelines.plan import format_plan, run_plan
+
+    for name in ("bandwidth", "latency"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise ConfigError(f"--{name} = {value}: must be positive")
+    ctx = RunContext(_config(args), args.run_date)
+    print(format_plan(run_plan(ctx, args.workers, args.bandwidth, args.latency)))
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -1,5 +1,6 @@
 """The evaluation's pictures, as PNG artifacts: learning curve, error decomposition, buckets,
-and the sweep's trade-off chart (test error against compute time with its lower envelope)."""
+the sweep's trade-off chart (test error against compute time with its lower envelope), and the
+plan's predicted scaling."""
 
 from __future__ import annotations
 
@@ -113,4 +114,19 @@ def tradeoff(points: list[dict], path: Path) -> None:
     ax.set_ylabel("test error")
     ax.set_title("Trade-off: test error against compute (size ∝ n)")
     ax.legend(fontsize=8)
+    save(fig, path)
+
+
+def scaling(predictions: list[dict], path: Path) -> None:
+    """``zipfline plan``: predicted samples/s against workers, one line per mode."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode in dict.fromkeys(p["mode"] for p in predictions):
+        mine = [p for p in predictions if p["mode"] == mode and np.isfinite(p["samples_per_s"])]
+        ax.plot([p["workers"] for p in mine], [p["samples_per_s"] for p in mine], "o-", label=mode)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("workers (world size)")
+    ax.set_ylabel("predicted samples/s")
+    ax.set_title("the alpha-beta model")
+    ax.legend()
     save(fig, path)

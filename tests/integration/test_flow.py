@@ -192,6 +192,27 @@ def test_reruns_of_the_flow_redo_what_changed_and_reuse_the_rest(finished_run, c
         "sweep.json",
     }
 
+    # the α-β plan on the same shards, with the network given: a table, its files, and the
+    # files in the run date's latest pipeline run
+    capsys.readouterr()
+    assert main(["plan", "--run-date", run.run_date, "--workers", "1,2,4", "--bandwidth", "1e8",
+                 "--latency", "1e-4", *run.sets()]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "one worker:" in printed and "local_sgd" in printed and "async" in printed
+    plan = json.loads((run.run_dir / "plan" / "plan.json").read_text())
+    assert plan["link"] == {"latency_s": 1e-4, "bandwidth": 1e8, "source": "given"}
+    assert [(p["workers"], p["mode"]) for p in plan["predictions"]] == [
+        (n, m) for n in (1, 2, 4) for m in ("sync", "local_sgd", "async")
+    ]
+    assert plan["costs"]["compute_s"] > 0 and plan["costs"]["exchange_bytes"] > 0
+    latest = report_data(run.tracking)["run_id"]  # the run date's latest pipeline run
+    assert f"MLflow run {latest}" in printed
+    logged = {a.path for a in client.list_artifacts(latest, "plan")}
+    assert logged == {"plan/plan.json", "plan/plan.png"}
+    with pytest.raises(SystemExit) as usage:  # a bad count: argparse's usage error
+        main(["plan", "--workers", "0,2", *run.sets()])
+    assert usage.value.code == 2 and "worker counts such as 1,2,4,8,16" in capsys.readouterr().err
+
     # a rerun with the same settings and inputs reuses every stage and is tracked as a new run
     assert main(run.argv(*changed)) == 0
     rerun = report_data(run.tracking)
