@@ -6,8 +6,9 @@ measures λ_max of the embedding block as ``--budget`` does (power iteration on 
 products, ``trainers.autoplan``), then trains at rates η₀ = k/λ_max:
 
 async mode with 1, 2 and 3 workers (a parameter server besides), without the cap and with it
-(``train.lambda_max``; η₀·λ_max is then at most ``auto_lr_safety`` of max(τ, 1)·2·sin(π/(4τ+2))
-at the pushes' 95th-percentile staleness τ). One worker is plain SGD with fresh gradients (τ = 0,
+(``train.lambda_max``; η₀·λ_max is then at most ``auto_lr_safety`` of the lowest
+max(t, 1)·2·sin(π/(4t+2)) for t up to the pushes' 95th-percentile staleness: 2 where every push
+is fresh, else 1). One worker is plain SGD with fresh gradients (τ = 0,
 step for step: the sync case, stable on a quadratic while η₀·λ_max < 2); beyond it τ ≥ 1, and a
 full step one version late is stable only while η₀·λ_max < 1. λ_max is the whole model's, since
 the server steps every parameter at ``train.lr``.

@@ -256,10 +256,11 @@ class TrainConfig:
     """``async`` mode: a push computed more than this many server versions ago is dropped (and
     counted) instead of applied."""
     lambda_max: float | None = None
-    """The largest eigenvalue of the loss's Hessian in the embedding block, where known (``--budget``
-    measures it; null: unknown). ``async`` mode then caps its rate so that η₀·λ_max stays at
-    ``auto_lr_safety`` of the stability bound for its pushes' 95th-percentile staleness τ,
-    max(τ, 1)·2·sin(π/(4τ+2))."""
+    """The largest eigenvalue of the loss's Hessian, where known (null: unknown; ``--budget`` in
+    async mode measures it over the whole model, whose every parameter the server steps at
+    ``lr``). ``async`` mode then caps its rate so that η₀·λ_max stays at
+    ``auto_lr_safety`` of the stability bound max(t, 1)·2·sin(π/(4t+2)) at its lowest for the
+    staleness t up to its pushes' 95th percentile τ (2 at τ = 0, else 1)."""
     exchange_precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     """The precision gradients travel in between workers in ``sync`` mode: the row exchange on
     CPU (rows and dense gradients cast for the wire, summed back in the model's precision), or

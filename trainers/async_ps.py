@@ -76,7 +76,7 @@ class Trainer(Protocol):
     def lr_factor_now(self) -> float: ...
     def progress_after(self, step: int) -> None: ...
     def start_schedule(self, cap: int | None) -> None: ...
-    def plan_pushes(self, start: float, launch: tuple[float, int], pushes: int,
+    def plan_pushes(self, start: float, launch: tuple[float, int], version: int,
                     cap: int | None) -> None: ...  # fmt: skip
     def evaluate(self, batch_size: int = 4096, *, reduce: bool = True) -> dict[str, float]: ...
     def log_evaluation(self, epoch: int, metrics: dict[str, float], loss: float) -> None: ...
@@ -184,8 +184,9 @@ def serve(trainer: Trainer) -> dict[str, Any]:
                 dtype
             )
             flat = _recv((dense_numel,), wire, src, group, REQUEST).to(dtype)
-            grads = (rows, values, flat)
-            stats.bytes_in += n * (8 + dim * values.element_size()) + dense_numel * wire.itemsize
+            # on the server's device (its GPU where the workers train on GPUs)
+            grads = tuple(x.to(emb.device) for x in (rows, values, flat))
+            stats.bytes_in += n * (8 + dim * wire.itemsize) + dense_numel * wire.itemsize
         if h[N_PULL] > 0:
             pull = _recv((int(h[N_PULL]),), torch.int64, src, group, REQUEST)
         stats.bytes_in += HEADER * 8 + (0 if pull is None else pull.numel() * 8)
@@ -198,8 +199,9 @@ def serve(trainer: Trainer) -> dict[str, Any]:
         stats.bytes_out += _send(header, dst, group, REPLY)
         if stop is None:
             if pull is not None:
-                stats.bytes_out += _send(emb.detach()[pull], dst, group, REPLY)
-            stats.bytes_out += _send(torch.cat([p.detach().reshape(-1) for p in dense]), dst,
+                rows = emb.detach()[pull.to(emb.device)].cpu()  # gloo sends from CPU memory
+                stats.bytes_out += _send(rows, dst, group, REPLY)
+            stats.bytes_out += _send(torch.cat([p.detach().reshape(-1) for p in dense]).cpu(), dst,
                                      group, REPLY)  # fmt: skip
 
     def evaluate(loss: float) -> bool:
@@ -218,12 +220,16 @@ def serve(trainer: Trainer) -> dict[str, Any]:
     epoch_pushes = sum(steps_per_epoch.values())
     cap = epoch_pushes * cfg.epochs if cfg.epochs else None
     trainer.start_schedule(cap)
-    launch = (time.monotonic(), server.applied + server.dropped)
+    launch = (time.monotonic(), server.version)  # the schedule is planned in applied pushes
+    launch_pushes = server.applied + server.dropped
     stopped_by = trainer.stopped_by
     stopped: set[int] = set()
     for src, pull in hellos.items():
-        reply(src, pull, stopped_by)
-        if stopped_by is not None:
+        # a worker already through its epochs (a resumed run) is told so at once
+        done = cfg.epochs is not None and places[src - 1].epoch >= cfg.epochs
+        stop = stopped_by or ("epochs" if done else None)
+        reply(src, pull, stop)
+        if stop is not None:
             stopped.add(src)
     loss = math.nan
     while len(stopped) < workers:
@@ -255,11 +261,11 @@ def serve(trainer: Trainer) -> dict[str, Any]:
             places[src - 1] = WorkerPlace(int(h[EPOCH]), int(h[STEP_IN_EPOCH]), int(h[STEPS]))
             stats.examples += int(h[EXAMPLES])
             loss = h[LOSS]
-            if trainer.step % 10 == 0:
+            if applied and trainer.step % 10 == 0:
                 trainer.losses.append((trainer.step, loss))
             pushes = server.applied + server.dropped
             if pushes - launch[1] >= 20 and pushes % PLAN_EVERY == 0:
-                trainer.plan_pushes(start, launch, pushes, cap)
+                trainer.plan_pushes(start, launch, server.version, cap)
             if pushes % epoch_pushes == 0:  # the workers pushed an epoch's worth between them
                 if evaluate(loss):
                     stopped_by = "converged"
@@ -278,18 +284,19 @@ def serve(trainer: Trainer) -> dict[str, Any]:
     trainer.async_state = _state(server, places)
     trainer.write_checkpoint(time_used)
     compute, comm = sum(stats.compute_s.values()), sum(stats.comm_s.values())
-    pushes = server.applied + server.dropped
+    pushes = server.applied + server.dropped - launch_pushes  # this launch's
+    seconds = max(time_used - trainer.time_used_before, 1e-9)  # this launch's
     hist = server.staleness_histogram()
     return {
         "time_used_s": time_used,
-        "samples_per_s": stats.examples / max(time_used - trainer.time_used_before, 1e-9),
-        "step_time_s": compute / max(pushes, 1) if pushes else math.nan,
+        "samples_per_s": stats.examples / seconds,
+        "step_time_s": compute / pushes if pushes else math.nan,
         "comm_fraction": comm / max(compute + comm, 1e-9) if compute + comm else math.nan,
         "bytes_per_step": (stats.bytes_in + stats.bytes_out) / max(stats.requests, 1),
         "train_loss": loss,
         "async_pushes_applied": server.applied,
         "async_pushes_dropped": server.dropped,
-        "async_pushes_per_s": pushes / max(time_used, 1e-9),
+        "async_pushes_per_s": pushes / seconds,
         "async_server_idle_fraction": waiting_s / max(time_used - trainer.time_used_before, 1e-9),
         "async_staleness_p95": _quantile(hist, 0.95),
         "async_staleness_max": max(hist, default=0),

@@ -376,8 +376,8 @@ def plan(
     if mode == "async" and lam > 0:
         choices.append(Choice(
             "train.lambda_max", lam,
-            f"async: the server caps its rate at c x max(tau, 1) x 2 sin(pi/(4 tau + 2)) / "
-            f"lambda_max, tau its pushes' 95th-percentile staleness (c = {lr_safety})",
+            f"async: the server caps its rate at c x (the lowest max(t, 1) x 2 sin(pi/(4t + 2)) "
+            f"for t up to its pushes' 95th-percentile staleness) / lambda_max (c = {lr_safety})",
             {"lambda_max": lam},
         ))  # fmt: skip
 
@@ -483,8 +483,12 @@ def configure(spec: TrainSpec, manifest: dict[str, Any]) -> tuple[TrainSpec, dic
     # step times are not the torch loop's), and its workers average or share rather than split a
     # batch
     kernel, mode = what_runs(t, "cuda" if on_gpu else "cpu", tuple(spec.model.hidden))
-    precisions = (
-        ["fp32"] if kernel == "numba" else ["fp32", "bf16", "fp16"] if on_gpu else ["fp32", "bf16"]
+    precisions = (  # async mode's server applies unscaled gradients: no fp16
+        ["fp32"]
+        if kernel == "numba"
+        else ["fp32", "bf16", "fp16"]
+        if on_gpu and mode != "async"
+        else ["fp32", "bf16"]
     )
     if on_gpu:
         model = model.cuda()

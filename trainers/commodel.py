@@ -105,7 +105,6 @@ def predict(costs: StepCosts, link: Link, mode: str, workers: int) -> Prediction
 
 # --- measuring on this data and model -------------------------------------------------------
 
-WIRE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 HEADERS = 12 * 8 + 2 * 8  # async: a request's header and a reply's
 
 
@@ -125,7 +124,8 @@ def measure_costs(spec: TrainSpec, workers: Sequence[int], steps: int = 30) -> t
     dim = model.embedding.weight.shape[1]
     dense = [p for name, p in model.named_parameters() if not name.startswith("embedding.")]
     dense_numel = sum(p.numel() for p in dense)
-    wire = WIRE_BYTES[t.exchange_precision]
+    # "fp32" on the wire means as computed (fp64 for an fp64 model)
+    wire = 2 if t.exchange_precision in ("fp16", "bf16") else model.embedding.weight.element_size()
 
     def batch() -> tuple[torch.Tensor, ...]:
         return data.batch(rng.integers(0, data.num_rows, size=min(t.batch_size, data.num_rows)))
@@ -162,7 +162,7 @@ def measure_costs(spec: TrainSpec, workers: Sequence[int], steps: int = 30) -> t
     average = {}
     for n in workers:  # the rows n workers touch in sync_every steps, the touched flags, dense
         union = torch.unique(torch.cat([batch()[0] for _ in range(n * t.sync_every)]))
-        average[n] = len(union) * dim * emb.element_size() + emb.shape[0] + dense_numel * 4
+        average[n] = (len(union) * dim + dense_numel) * emb.element_size() + emb.shape[0]
     costs = StepCosts(
         compute_s=float(np.median(times)), batch=t.batch_size, cores=os.cpu_count() or 1,
         exchange_bytes=exchange, average_bytes=max(average.values()), sync_every=t.sync_every,

@@ -45,9 +45,11 @@ def scaled_bound(tau: int) -> float:
 
 
 def staleness_lr_cap(lambda_max: float, tau: int, safety: float) -> float:
-    """The rate η₀ that keeps η₀·λ_max at ``safety`` of :func:`scaled_bound` for staleness
-    ``tau`` (async mode's cap, with τ its pushes' 95th percentile)."""
-    return safety * scaled_bound(tau) / lambda_max
+    """The rate η₀ that keeps η₀·λ_max at ``safety`` of :func:`scaled_bound` for every
+    staleness up to ``tau`` (async mode's cap, with τ its pushes' 95th percentile): the bound
+    is not monotone (1 at τ = 1, then rising), and pushes under the percentile are as late as
+    any, so the smallest of them: 2 at τ = 0, else 1."""
+    return safety * min(scaled_bound(t) for t in range(tau + 1)) / lambda_max
 
 
 def stale_lr(lr0: float, tau: int) -> float:

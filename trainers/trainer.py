@@ -925,13 +925,14 @@ class Trainer:
             self.total_steps = min(self.total_steps, cap)
 
     def plan_pushes(
-        self, start: float, launch: tuple[float, int], pushes: int, cap: int | None
+        self, start: float, launch: tuple[float, int], version: int, cap: int | None
     ) -> None:
-        """Async mode's plan, on the server alone: the steps the learning rate decays over are
-        those the rest of the budget leaves room for at this launch's pushes per second, at
-        most ``cap``."""
+        """Async mode's plan, on the server alone: the steps (applied pushes, the server's
+        versions) the learning rate decays over are those the rest of the budget leaves room
+        for at this launch's applied pushes per second since ``launch`` (its time and version),
+        at most ``cap``."""
         now = time.monotonic()
-        per_push = (now - launch[0]) / max(pushes - launch[1], 1)
+        per_push = (now - launch[0]) / max(version - launch[1], 1)
         room = max(self.cfg.time_budget_s - (now - start), 0.0) / max(per_push, 1e-9)
         total = self.step + math.floor(room)
         self.total_steps = max(total if cap is None else min(cap, total), self.step + 1)
