@@ -404,6 +404,20 @@ def test_async_workers_push_stale_gradients_and_a_killed_worker_resumes(
     assert result["async_lr_cap"] == pytest.approx(staleness_lr_cap(0.05, tau95, 0.5))
     assert result["async_lr_cap"] < 16.0 and result["async_lr_capped_pushes"] > 0
 
+    # resumed where every worker is through its epochs (as after a rerun with fewer
+    # train.epochs, which checkpoints ignore): each is told to stop at its first request
+    last = max((tmp_path / "checkpoints").glob("ckpt-*.pt"), key=lambda p: int(p.stem[5:]))
+    state = torch.load(last, weights_only=True) | {"stopped_by": None}
+    again_dir = tmp_path / "again"
+    (again_dir / "checkpoints").mkdir(parents=True)
+    torch.save(state, again_dir / "checkpoints" / last.name)
+    again = launch_processes(dataclasses.replace(
+        spec.with_train(timeout_s=60), out_dir=str(again_dir),
+        checkpoint_dir=str(again_dir / "checkpoints"),
+    ))  # fmt: skip
+    assert again["stopped_by"] == "epochs"
+    assert again["resumed_from_step"] == again["steps"] == result["steps"]
+
 
 def test_distributor_reports_a_killed_rank_and_the_rerun_resumes(shards, tmp_path, monkeypatch):
     """TorchDistributor local mode (the train stage's launcher) fails the run when a rank dies;
