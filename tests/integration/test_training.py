@@ -497,7 +497,8 @@ def test_torchrun_launches_async_mode_whose_one_worker_is_plain_sgd_step_for_ste
 @pytest.mark.slow
 def test_barrier_mode_on_a_local_cluster_and_each_gpu_task_gets_its_own_gpu(shards, tmp_path):
     """``train.local_mode=false``: the processes are barrier tasks on the two executor JVMs of a
-    ``local-cluster`` master (a Spark standalone cluster in miniature), in a driver of their own.
+    ``local-cluster`` master (a Spark standalone cluster in miniature), in a driver of their own;
+    they train in async mode, the server on one executor and the worker on the other.
     On the same cluster, whose workers each find a GPU through a fake discovery script (the way
     Spark's own tests schedule GPUs without one), two tasks of a ``train.use_gpu`` run each get
     their own GPU, and the training process the distributor starts sees only that one, which
@@ -506,9 +507,10 @@ def test_barrier_mode_on_a_local_cluster_and_each_gpu_task_gets_its_own_gpu(shar
 
     cfg, shard_dir = shards
     spec_path = tmp_path / "spec.json"
-    _spec(cfg, shard_dir, tmp_path / "out", world_size=2, local_mode=False, epochs=2).write(
-        spec_path
-    )
+    # async mode (a parameter server and one worker, meeting point to point across the two
+    # executors); the other modes' processes start the same way
+    _spec(cfg, shard_dir, tmp_path / "out", world_size=2, local_mode=False, epochs=2,
+          mode="async", lr=2.0).write(spec_path)  # fmt: skip
     # the first worker to ask gets GPU "0", the second "1" (mkdir is atomic)
     claim, script = tmp_path / "gpu-claimed", tmp_path / "discover_gpus.sh"
     script.write_text(
@@ -530,6 +532,7 @@ def test_barrier_mode_on_a_local_cluster_and_each_gpu_task_gets_its_own_gpu(shar
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
     assert result["world_size"] == 2 and result["stopped_by"] == "epochs"
+    assert result["sync"] == "async" and result["async_pushes_applied"] == result["steps"] > 0
     ranks = _ranks(tmp_path / "out")
     assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["steps"] == ranks[1]["steps"]
 
