@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 from core.config import TrainConfig
 from trainers.data import ShardData
-from trainers.model import NgramClassifier
+from trainers.model import NgramClassifier, split_like
 from trainers.staleness import StaleServer, staleness_lr_cap
 
 REQUEST, REPLY = 1, 2  # message tags: a worker's request, the server's reply
@@ -86,8 +86,8 @@ class Trainer(Protocol):
 
 
 def worker_share(rank: int, world_size: int) -> tuple[int, int]:
-    """The share of the training rows a rank reads, as ``(index, of)``: the workers split them
-    N−1 ways; the server (rank 0) reads none (index −1)."""
+    """The share of the training rows worker ``rank`` (1 … N−1) reads, as ``(index, of)``: the
+    workers split them N−1 ways; the server (rank 0) reads none."""
     return rank - 1, world_size - 1
 
 
@@ -112,11 +112,7 @@ class ServerStats:
     examples: int = 0
 
 
-def _dense(trainer: Trainer) -> list[torch.Tensor]:
-    return [p for name, p in trainer.model.named_parameters() if not name.startswith("embedding.")]
-
-
-def _group(trainer: Trainer) -> dist.ProcessGroup | None:
+def _group() -> dist.ProcessGroup | None:
     """The group the messages travel in: the default one under gloo, else a gloo group of all
     ranks (made by every rank, in the same order)."""
     return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
@@ -146,8 +142,8 @@ def _recv(
 
 def serve(trainer: Trainer) -> dict[str, Any]:
     """Rank 0's loop: answer the workers until every one has stopped; the run's result."""
-    cfg, group = trainer.cfg, _group(trainer)
-    emb, dense = trainer.model.embedding.weight, _dense(trainer)
+    cfg, group = trainer.cfg, _group()
+    emb, dense = trainer.model.embedding.weight, trainer.model.dense_parameters()
     dim, dtype = emb.shape[1], emb.dtype
     wire = trainer.wire_dtype or dtype
     dense_numel = sum(p.numel() for p in dense)
@@ -249,12 +245,8 @@ def serve(trainer: Trainer) -> dict[str, Any]:
                 lr_cap = staleness_lr_cap(cfg.lambda_max, tau, cfg.auto_lr_safety)
                 capped += server.lr0 > lr_cap
                 server.lr0 = min(server.lr0, lr_cap)
-            offset, dense_grads = 0, []
-            for p in dense:
-                dense_grads.append(flat[offset : offset + p.numel()].view_as(p))
-                offset += p.numel()
             before = server.version
-            applied = server.push([(rows, values), *dense_grads], int(h[PULLED]))
+            applied = server.push([(rows, values), *split_like(flat, dense)], int(h[PULLED]))
             if applied:
                 trainer.step = server.version
                 trainer.progress_after(before)
@@ -297,7 +289,7 @@ def serve(trainer: Trainer) -> dict[str, Any]:
         "async_pushes_applied": server.applied,
         "async_pushes_dropped": server.dropped,
         "async_pushes_per_s": pushes / seconds,
-        "async_server_idle_fraction": waiting_s / max(time_used - trainer.time_used_before, 1e-9),
+        "async_server_idle_fraction": waiting_s / seconds,
         "async_staleness_p95": _quantile(hist, 0.95),
         "async_staleness_max": max(hist, default=0),
         "async_staleness": hist,
@@ -336,9 +328,9 @@ def _quantile(histogram: dict[int, int], q: float) -> float:
 def work(trainer: Trainer) -> dict[str, Any]:
     """A worker's loop (ranks 1 … N−1): pull, compute, push until the server says stop or its
     epochs are done; what it did."""
-    cfg, group = trainer.cfg, _group(trainer)
+    cfg, group = trainer.cfg, _group()
     data, batch_size = trainer.train_data, cfg.batch_size
-    emb, dense = trainer.model.embedding.weight, _dense(trainer)
+    emb, dense = trainer.model.embedding.weight, trainer.model.dense_parameters()
     dim, dtype = emb.shape[1], emb.dtype
     wire = trainer.wire_dtype or dtype
     dense_numel = sum(p.numel() for p in dense)
@@ -347,7 +339,7 @@ def work(trainer: Trainer) -> dict[str, Any]:
         raise ValueError("no training rows on this worker: more data or fewer train.world_size")
     places = trainer.async_state.get("places")
     place = WorkerPlace(*places[trainer.rank - 1]) if places else WorkerPlace()
-    trainer.step = place.steps
+    trainer.step = first = place.steps
     max_epochs = cfg.epochs or math.inf
     compute_s = comm_s = 0.0
 
@@ -386,10 +378,8 @@ def work(trainer: Trainer) -> dict[str, Any]:
             with torch.no_grad():
                 if pull is not None:
                     emb.index_copy_(0, pull.to(emb.device), values.to(emb.device))
-                offset = 0
-                for p in dense:
-                    p.copy_(flat[offset : offset + p.numel()].view_as(p).to(p.device))
-                    offset += p.numel()
+                for p, value in zip(dense, split_like(flat, dense), strict=True):
+                    p.copy_(value)  # copy_ moves it to the parameter's device
         return version, STOP_REASONS[code] if code else None
 
     def touched(rows: np.ndarray) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
@@ -436,7 +426,7 @@ def work(trainer: Trainer) -> dict[str, Any]:
     trainer.stopped_by = stop or "epochs"
     return {
         "time_used_s": compute_s + comm_s,
-        "step_time_s": compute_s / max(place.steps, 1),
+        "step_time_s": compute_s / max(place.steps - first, 1),  # this launch's steps
         "comm_fraction": comm_s / max(compute_s + comm_s, 1e-9),
     }
 

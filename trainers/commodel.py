@@ -122,7 +122,7 @@ def measure_costs(spec: TrainSpec, workers: Sequence[int], steps: int = 30) -> t
     optimizers = build_optimizers(model, t)
     rng = np.random.default_rng(t.seed)
     dim = model.embedding.weight.shape[1]
-    dense = [p for name, p in model.named_parameters() if not name.startswith("embedding.")]
+    dense = model.dense_parameters()
     dense_numel = sum(p.numel() for p in dense)
     # "fp32" on the wire means as computed (fp64 for an fp64 model)
     wire = 2 if t.exchange_precision in ("fp16", "bf16") else model.embedding.weight.element_size()

@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from trainers.model import NgramClassifier, split_like
+
 HEADER = 8  # bytes: the row count, int64
 GROWTH = 1.25  # room for this many times the largest count seen, after an overflow
 
@@ -41,14 +43,14 @@ class RowExchange:
     ``NgramClassifier`` with a sparse embedding); one call per step, after ``backward``."""
 
     def __init__(
-        self, model: torch.nn.Module, world_size: int, wire_dtype: torch.dtype | None = None
+        self, model: NgramClassifier, world_size: int, wire_dtype: torch.dtype | None = None
     ) -> None:
         self.model = model
         self.world_size = world_size
         self.weight = model.embedding.weight
         self.wire_dtype = wire_dtype or self.weight.dtype  # the gradients' type in the buffer
         self.wire_size = self.wire_dtype.itemsize
-        self.dense = [p for n, p in model.named_parameters() if not n.startswith("embedding.")]
+        self.dense = model.dense_parameters()
         self.dense_numel = sum(p.numel() for p in self.dense)
         self.index_dtype = torch.int32 if self.weight.shape[0] < 2**31 else torch.int64
         self.capacity = 0  # rows per rank the packed buffer has room for (even: alignment)
@@ -149,8 +151,6 @@ class RowExchange:
             self.weight.grad = None
         if summed is not None:
             summed /= self.world_size
-            offset = 0
-            for p in self.dense:
-                p.grad = summed[offset : offset + p.numel()].view_as(p)
-                offset += p.numel()
+            for p, grad in zip(self.dense, split_like(summed, self.dense), strict=True):
+                p.grad = grad
         return sent

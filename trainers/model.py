@@ -79,3 +79,17 @@ class NgramClassifier(nn.Module):
 
     def forward(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         return self.output(self.hidden(self.embedding(ids, offsets)))
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        """Every parameter but the embedding table: the hidden and output layers, which travel
+        whole (flattened into one vector) where the table's touched rows travel alone."""
+        return [p for name, p in self.named_parameters() if not name.startswith("embedding.")]
+
+
+def split_like(flat: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor]:
+    """``flat`` (the parameters, or their gradients, flattened and concatenated in order) as
+    views shaped like each of ``params``."""
+    return [
+        part.view_as(p)
+        for part, p in zip(flat.split([p.numel() for p in params]), params, strict=True)
+    ]

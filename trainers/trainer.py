@@ -33,7 +33,7 @@ from trainers import async_ps
 from trainers.data import ShardData, check_featurizer, load_manifest, read_split
 from trainers.exchange import RowExchange
 from trainers.kernels import train_examples, warm_hogwild
-from trainers.model import NgramClassifier, UnsafeFile, load_tensors
+from trainers.model import NgramClassifier, UnsafeFile, load_tensors, split_like
 from trainers.shared import share_tensors
 from trainers.spec import TrainSpec
 
@@ -204,7 +204,7 @@ def build_optimizers(model: NgramClassifier, cfg: TrainConfig) -> list[torch.opt
     """One optimizer for the embedding table (fit for sparse gradients), one for the rest."""
     sparse = model.embedding.sparse
     emb = [model.embedding.weight]
-    dense = [p for name, p in model.named_parameters() if not name.startswith("embedding.")]
+    dense = model.dense_parameters()
     if cfg.optimizer == "sparse_adam" and not sparse:
         raise ConfigError("train.optimizer = sparse_adam needs a sparse embedding (CPU training)")
     embedding_opt = {
@@ -341,7 +341,7 @@ class Trainer:
         self.local_sgd, self.exchange_rows = self.sync == "average", self.sync == "exchange"
         self.shared = self.sync == "shared"
         self.exchange = (
-            RowExchange(self.model, self.world_size, WIRE_DTYPES[self.cfg.exchange_precision])
+            RowExchange(self.model, self.world_size, self.wire_dtype)
             if self.exchange_rows
             else None
         )
@@ -375,23 +375,19 @@ class Trainer:
         """This rank's training and validation rows. In async mode the workers split the
         training rows among themselves and the server (rank 0) evaluates on all of the
         validation rows; elsewhere every rank has its share of both."""
-        share, of = self.rank, self.world_size
-        val_share, val_of = share, of
+        train, val = (self.rank, self.world_size), (self.rank, self.world_size)
         if self.sync == "async":
-            share, of = async_ps.worker_share(self.rank, self.world_size)
-            val_share, val_of = (0, 1) if self.rank == 0 else (share, of)
-        self.train_data = (
-            read_split(shard_dir, "train", share, of) if share >= 0 else ShardData.empty()
-        )
+            train, val = (
+                (None, (0, 1))
+                if self.rank == 0
+                else (async_ps.worker_share(self.rank, self.world_size), None)
+            )
+        self.train_data = read_split(shard_dir, "train", *train) if train else ShardData.empty()
         # reference runs of the error decomposition learn from a seeded share of the rows
         self.train_data = self.train_data.sample(
             self.spec.train_fraction, self.cfg.seed + self.rank
         )
-        self.val_data = (
-            read_split(shard_dir, "validation", val_share, val_of)
-            if self.sync != "async" or self.rank == 0
-            else ShardData.empty()
-        )
+        self.val_data = read_split(shard_dir, "validation", *val) if val else ShardData.empty()
 
     # --- pieces -------------------------------------------------------------------------
 
@@ -553,17 +549,13 @@ class Trainer:
             values.mul_(1.0 / self.world_size)
             weight.index_copy_(0, rows, values)
             sent += values.numel() * values.element_size()
-        dense = [
-            p for name, p in self.model.named_parameters() if not name.startswith("embedding.")
-        ]
+        dense = self.model.dense_parameters()
         flat = torch.cat([p.reshape(-1) for p in dense])
         dist.all_reduce(flat)
         flat /= self.world_size
         self.bytes_sent += sent + flat.numel() * flat.element_size()
-        offset = 0
-        for p in dense:
-            p.copy_(flat[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
+        for p, mean in zip(dense, split_like(flat, dense), strict=True):
+            p.copy_(mean)
         self._touched.zero_()
         self.comm_seconds += time.perf_counter() - t0
 
