@@ -5,11 +5,15 @@ temporary sibling and moved with ``os.replace``; a folder is built in a temporar
 renamed into place, the old folder moved aside first and removed after. A failure leaves the
 target as it was and removes the temporary copy. Temporary names start with ``.`` so that the
 readers of a folder (``core.layout.data_files``) never list them.
+
+It also holds the one lock helper, :func:`exclusive_lock`: ``fcntl.flock`` on a file, which the
+kernel releases when its owner exits, however it exits (a killed run leaves no stale lock).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -101,3 +105,41 @@ def write_text(target: Path, text: str) -> None:
 def write_json(target: Path, data: Any) -> None:
     """Write ``data`` as indented, key-sorted JSON to ``target`` atomically."""
     write_text(target, json.dumps(data, indent=2, sort_keys=True))
+
+
+class Busy(Exception):
+    """Another process holds the lock; the argument is its pid, or None where unreadable."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[Path]:
+    """Hold ``path`` locked (``fcntl.flock``) for the block; :class:`Busy` at once if another
+    process holds it. The file is never deleted (a deleted and re-created lock file would be a
+    second lock); it holds its owner's pid, written after locking, for messages only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = _owner(fd)
+        os.close(fd)
+        raise Busy(owner) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)  # free: no pid to show
+        os.close(fd)  # releases the lock; the file stays
+
+
+def _owner(fd: int) -> int | None:
+    """The pid written in a lock file, best-effort (the owner may not have written it yet)."""
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip())
+    except (OSError, ValueError):
+        return None

@@ -7,6 +7,7 @@ context a stage is given.
       <run_date>/<stage>/     one folder per stage, renamed into place when complete
         _SUCCESS              the stage's marker: its result (counts, metrics) and fingerprint
       <run_date>/.checkpoints/train/   training checkpoints while a run is in flight
+      <run_date>/.run.lock    held by the one run of that date in flight (a second one is refused)
       labels/                 imported labels, kept across run dates
       retrain.log, retrain.watermark.json, .retrain.lock
 
@@ -35,6 +36,9 @@ if TYPE_CHECKING:
 MARKER = "_SUCCESS"
 LABELS_DIR = "labels"
 """``<data.root>/labels/``: imported labels, kept across run dates (``zipfline label import``)."""
+RUN_LOCK = ".run.lock"
+"""``<data.root>/<run_date>/.run.lock``: held (``core.atomic.exclusive_lock``) by the run of that
+date in flight; a second run of the same date stops at once, naming the first one's pid."""
 CHECKPOINT_DIR = ".checkpoints/train"
 """Training checkpoints under the run date, beside the stage folders, while a run is in flight."""
 

@@ -26,7 +26,7 @@ from core.layout import ROWS_DIR, RunContext, StageResult
 from data_quality.quarantine import count_by_reason, write_quarantine
 from querylog.clean import NORM, normalize_queries, tag_reasons
 from querylog.neardup import assign_clusters, heaviest, near_duplicate_edges
-from querylog.readers import read_raw
+from querylog.readers import held_inputs, read_raw
 from querylog.splitting import home_split
 
 STAGE = "split"
@@ -164,7 +164,8 @@ def run(ctx: RunContext, out: Path) -> StageResult:
     if external:
         raw = read_raw(ctx.spark, external, cfg.data.test_format, "data.test_path")
         tagged = external_test_rows(raw, cfg.ingest.max_query_chars, cfg.data.labels).persist()
-        reasons = count_by_reason(tagged)
+        with held_inputs(ctx.spark, raw, "data.test_path"):  # read here, once: then cached
+            reasons = count_by_reason(tagged)
         test_good = reasons.pop(None, 0)
         rows_in += test_good + sum(reasons.values())
         if reasons:

@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from core.atomic import atomic_dir
+from core.atomic import Busy, atomic_dir
 from core.config import Config, load_config
 from core.errors import ConfigError, ZipflineError, one_line
 from core.layout import TRUTH_DIR, RunContext
@@ -25,7 +25,6 @@ from pipelines import flow, retrain
 from pipelines.report import print_report
 from pipelines.retrain import (
     RESULT_FILE,
-    Busy,
     RunFailed,
     log_line,
     read_result,

@@ -7,6 +7,10 @@ tracked as child runs of one MLflow parent run.
 fingerprint (settings, outside inputs, upstream) is the one in its marker; the registry's
 verdict is the evaluate stage's hook, so select asks the model that has just earned
 ``champion`` (docs/architecture.md).
+
+One run of a date at a time: a run holds ``<data.root>/<date>/.run.lock`` from before its first
+stage to after its last, and a second run of the same date stops at once with one line (its
+stages would otherwise write the same folders). Runs of other dates go on side by side.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ from __future__ import annotations
 import sys
 import time
 
-from core.layout import RunContext, StageResult
+from core.atomic import Busy, exclusive_lock
+from core.errors import StageError
+from core.layout import RUN_LOCK, RunContext, StageResult
 from pipelines import stages
 from pipelines.registry import fetch_champion
 from pipelines.stages import PipelineRun, RunSummary
@@ -42,7 +48,20 @@ def run_pipeline(
     stop: str | None = None,
     trigger: str = "manual",
 ) -> RunSummary:
-    """Run the stages of ``ctx``'s config for its run date; returns the summary."""
+    """Run the stages of ``ctx``'s config for its run date; returns the summary. Raises
+    :class:`StageError` at once where another run of the same date is in flight."""
+    try:
+        with exclusive_lock(ctx.run_dir / RUN_LOCK):
+            return _run_locked(ctx, start, stop, trigger)
+    except Busy as busy:
+        pid = f" (pid {busy.args[0]})" if busy.args and busy.args[0] else ""
+        raise StageError(
+            f"another run of {ctx.run_date} is in flight{pid} on {ctx.run_dir}; wait for it "
+            "to end, then run the same command again (what it finished is reused)"
+        ) from None
+
+
+def _run_locked(ctx: RunContext, start: str | None, stop: str | None, trigger: str) -> RunSummary:
     chosen = stages.select_stages(ctx.cfg, start, stop)
     if ctx.champion is None:
         ctx.champion = fetch_champion

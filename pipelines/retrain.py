@@ -1,11 +1,10 @@
 """The pieces of ``zipfline retrain`` (the cron entry): a lock the kernel holds, a budget
 enforced on a child process, and a watermark of what the last successful run saw.
 
-The lock is ``fcntl.flock`` on ``<data.root>/.retrain.lock``, held on an open descriptor for
-the whole retrain: the kernel releases it when its owner exits, however it exits, so a killed
-run's lock is simply free, and there is no stale lock to detect or take over. The file is never
-deleted (a deleted and re-created lock file is a second lock); it holds its owner's pid, written
-after locking, for the "another retrain is running (pid N)" message only.
+The lock is ``fcntl.flock`` on ``<data.root>/.retrain.lock`` (``core.atomic.exclusive_lock``),
+held for the whole retrain: the kernel releases it when its owner exits, however it exits, so a
+killed run's lock is simply free, and there is no stale lock to detect or take over. The pipeline
+run inside takes its run date's own lock as every run does (``pipelines.flow``).
 
 The pipeline run of a retrain is a child process in its own session (its own process group);
 over ``retrain.budget_s`` the parent ends the whole group (the child, Spark's JVM and Python
@@ -22,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import json
 import os
 import signal
@@ -32,7 +30,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from core.atomic import write_json
+from core.atomic import exclusive_lock, write_json
 from core.config import Config
 from core.errors import StageError
 from core.hashing import digest, labels_fingerprint, source_fingerprint
@@ -45,10 +43,6 @@ RESULT_FILE = ".retrain.result.json"
 """What the child run leaves for the parent: run id, test error, promotion verdict, summary."""
 GRACE_S = 10.0
 """Seconds between SIGTERM and SIGKILL when a retrain's process group is ended."""
-
-
-class Busy(Exception):
-    """Another retrain holds the lock; the argument is its pid, or None if unreadable."""
 
 
 class OverBudget(StageError):
@@ -66,37 +60,12 @@ class RunFailed(StageError):
         self.exit_code = exit_code
 
 
-def _owner(fd: int) -> int | None:
-    """The pid written in the lock file, best-effort (the owner may not have written it yet)."""
-    try:
-        return int(os.pread(fd, 32, 0).decode().strip())
-    except (OSError, ValueError):
-        return None
-
-
 @contextlib.contextmanager
 def retrain_lock(root: Path) -> Iterator[Path]:
-    """Hold ``<root>/.retrain.lock`` for the block; :class:`Busy` if another process holds it."""
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        owner = _owner(fd)
-        os.close(fd)
-        raise Busy(owner) from None
-    except BaseException:
-        os.close(fd)
-        raise
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    """Hold ``<root>/.retrain.lock`` for the block; ``core.atomic.Busy`` if another process
+    holds it."""
+    with exclusive_lock(root / LOCK_FILE) as path:
         yield path
-    finally:
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)  # free: no pid to show
-        os.close(fd)  # releases the lock; the file stays
 
 
 def _processes() -> dict[int, tuple[int, int, str]] | None:

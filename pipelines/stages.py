@@ -17,7 +17,9 @@ their fingerprints chain through it) does every stage after it. ``--force`` runs
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import importlib
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -27,7 +29,7 @@ from typing import Any
 
 from core import atomic
 from core.config import Config
-from core.errors import ConfigError
+from core.errors import ConfigError, StageError, ZipflineError
 from core.hashing import digest, labels_fingerprint, source_fingerprint
 from core.layout import MARKER, RunContext, StageResult
 from pipelines import registry
@@ -243,22 +245,57 @@ def run_stage(
         upstream = upstream_fingerprint(ctx, name)
     fp = fingerprint(ctx, st, upstream)
     start = time.monotonic()
-    with atomic.atomic_dir(ctx.stage_dir(name)) as tmp:
-        result = (fn or st.run)(ctx, tmp)
-        for check in st.checks:
-            check(ctx, name, tmp, result)
-        result.check_reconciles(name)  # before the marker: a stage that loses rows never finishes
-        result.seconds = round(time.monotonic() - start, 3)
-        marker = {
-            "stage": name,
-            "run_date": ctx.run_date,
-            "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "fingerprint": fp,
-            "upstream": upstream,
-            "result": asdict(result),
-        }
-        atomic.write_json(tmp / MARKER, marker)
+    try:
+        with atomic.atomic_dir(ctx.stage_dir(name)) as tmp:
+            result = (fn or st.run)(ctx, tmp)
+            for check in st.checks:
+                check(ctx, name, tmp, result)
+            result.check_reconciles(name)  # before the marker: a stage that loses rows never ends
+            result.seconds = round(time.monotonic() - start, 3)
+            marker = {
+                "stage": name,
+                "run_date": ctx.run_date,
+                "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                "fingerprint": fp,
+                "upstream": upstream,
+                "result": asdict(result),
+            }
+            atomic.write_json(tmp / MARKER, marker)
+    except Exception as exc:
+        full = disk_full(exc, ctx.run_dir)
+        if full is None:
+            raise
+        raise StageError(
+            f"{name}: no space left under {ctx.run_dir} ({full / 2**20:.1f} MiB free); nothing "
+            "of the stage was kept: make room (or point data.root elsewhere), then run the "
+            "same command again"
+        ) from exc
     return result
+
+
+LOW_SPACE_BYTES = 64 << 20
+"""Under this much free space where a stage failed, the failure is put down to a full disk:
+writers that hit one do not all say so (``torch.save`` reports an iostream error, a training
+process's error reaches the driver only as "TorchDistributor failed")."""
+
+
+def disk_full(exc: BaseException, where: Path) -> int | None:
+    """The free bytes under ``where`` when the failure ``exc`` looks like a full disk (ENOSPC in
+    its chain or its text, or, for a failure not of the data or config, under
+    :data:`LOW_SPACE_BYTES` free now); None otherwise."""
+    try:
+        free = shutil.disk_usage(next(p for p in (where, *where.parents) if p.exists())).free
+    except (OSError, StopIteration):
+        return None
+    chain, seen = exc, False
+    while chain is not None and not seen:
+        seen = getattr(chain, "errno", None) == errno.ENOSPC or "No space left on device" in str(
+            chain
+        )
+        chain = chain.__cause__ or chain.__context__
+    # a failure of the data or config is not the disk's, however little room is left
+    blameless = isinstance(exc, ZipflineError) and not isinstance(exc, StageError)
+    return free if seen or (free < LOW_SPACE_BYTES and not blameless) else None
 
 
 def stale_before(ctx: RunContext, first: str) -> list[str]:

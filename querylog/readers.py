@@ -6,16 +6,22 @@ Files are listed through Hadoop's FileSystem (local paths, HDFS, S3 alike), skip
 own, so a file without a ``query`` column stops the stage naming that file; files that agree
 on a schema are read together. Malformed lines are kept in ``_corrupt_record`` for quarantine,
 and every row carries the file it came from in ``source_file``.
+
+A file that goes away between the listing and the reading (rotated, moved, deleted by another
+process) stops the stage with one line naming it: at planning time in :func:`read_raw`, while
+Spark reads in :func:`held_inputs`. Nothing is skipped silently, so no row is lost unseen.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import io
 import logging
 import re
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
@@ -25,7 +31,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from core.errors import ConfigError, DataError
+from core.errors import ConfigError, DataError, ZipflineError
 
 log = logging.getLogger("zipfline")
 
@@ -290,8 +296,47 @@ def read_raw(spark: SparkSession, path: str, fmt: str, key: str) -> DataFrame:
     by_fmt: dict[str, list[InputFile]] = defaultdict(list)
     for f in files:
         by_fmt[f.fmt].append(f)
-    frames = [frame for fmt_, group in by_fmt.items() for frame in _READERS[fmt_](spark, group)]
+    with _vanished_means_error(spark, [f.uri for f in files], key):
+        frames = [f for fmt_, group in by_fmt.items() for f in _READERS[fmt_](spark, group)]
     try:
         return reduce(lambda a, b: a.unionByName(b, allowMissingColumns=True), frames)
     except Exception as exc:  # AnalysisException on conflicting extra-column types
         raise DataError(f"{key} = {path}: files disagree on column types ({exc})") from exc
+
+
+def _missing(spark: SparkSession, uris: list[str]) -> list[str]:
+    """Those of ``uris`` that are no longer there, asked of Hadoop's FileSystem (any scheme)."""
+    jvm = spark.sparkContext._jvm
+    conf = spark.sparkContext._jsc.hadoopConfiguration()
+    gone = []
+    for uri in uris:
+        hpath = jvm.org.apache.hadoop.fs.Path(uri)
+        if not hpath.getFileSystem(conf).exists(hpath):
+            gone.append(uri)
+    return gone
+
+
+@contextlib.contextmanager
+def _vanished_means_error(spark: SparkSession, uris: list[str], key: str) -> Iterator[None]:
+    try:
+        yield
+    except ZipflineError:
+        raise
+    except Exception as exc:  # Spark's FileNotFoundException, PATH_NOT_FOUND; Python's OSError
+        gone = _missing(spark, uris)
+        if not gone:
+            raise
+        more = f" and {len(gone) - 1} more" if len(gone) > 1 else ""
+        raise DataError(
+            f"{key}: {gone[0]}{more} went away between listing and reading (moved or deleted "
+            "while this run read it); nothing was written: put it back, or leave it out on "
+            "purpose, and run again"
+        ) from exc
+
+
+@contextlib.contextmanager
+def held_inputs(spark: SparkSession, df: DataFrame, key: str) -> Iterator[None]:
+    """Around the actions on a frame of :func:`read_raw`: a failure while one of its files has
+    gone away becomes one :class:`DataError` naming it; any other failure passes through."""
+    with _vanished_means_error(spark, list(df.inputFiles()), key):
+        yield

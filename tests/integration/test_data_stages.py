@@ -10,7 +10,7 @@ import pytest
 
 from core.errors import ConfigError, DataError
 from core.layout import RunContext
-from jobs import augment, split
+from jobs import augment, ingest, split
 from pipelines.stages import run_stage
 from querylog import readers
 from querylog.clean import NORM, normalize_queries
@@ -136,6 +136,31 @@ def test_missing_query_column_names_the_file(spark, tmp_path):
     with pytest.raises(DataError, match=r"bad\.csv: missing the required column 'query'"):
         run_stage(ctx, "ingest")
     assert not ctx.done("ingest")
+
+
+def test_a_raw_file_gone_between_listing_and_reading_stops_ingest_naming_it(
+    spark, tmp_path, monkeypatch
+):
+    """The file is moved away after the listing (the fault bench's hook, as log rotation would):
+    one line naming it, nothing written or marked done; put back, the same run reads it all."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "a.csv").write_text("query,label\nhello,x\nworld,y\n")
+    (raw / "b.jsonl").write_text('{"query": "third", "label": "x"}\n')
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    ctx = RunContext(config_for(tmp_path, f"data.raw_path={raw}"), "2026-11-01", spark=spark)
+    monkeypatch.setenv(ingest.FAULT_MOVE_RAW_ENV, str(aside))
+    with pytest.raises(DataError) as gone:
+        run_stage(ctx, "ingest")
+    assert str(gone.value).startswith(f"data.raw_path: file://{raw / 'a.csv'} went away between "
+                                      "listing and reading")  # fmt: skip
+    assert (aside / "a.csv").exists() and not ctx.done("ingest")
+    assert not ctx.stage_dir("ingest").exists()
+    monkeypatch.delenv(ingest.FAULT_MOVE_RAW_ENV)
+    (aside / "a.csv").rename(raw / "a.csv")
+    result = run_stage(ctx, "ingest")
+    assert (result.rows_in, result.rows_out) == (3, 3)
 
 
 def test_missing_path_and_empty_folder(spark, tmp_path):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from core import atomic
+from core.errors import DataError, StageError
 from core.layout import RunContext
 from pipelines import stages
 from tests.conftest import config_for
@@ -99,3 +102,55 @@ def test_where_the_data_root_lies_is_not_a_setting(tmp_path):
     b = RunContext(config_for(tmp_path / "elsewhere"), "2026-11-01")
     for st in stages.STAGES:  # the label store is listed by names relative to it
         assert stages.fingerprint(a, st, "u") == stages.fingerprint(b, st, "u"), st.name
+
+
+def test_a_stage_that_fails_on_a_full_disk_says_so_and_keeps_nothing(tmp_path):
+    """ENOSPC anywhere in the failure's chain (Spark's Java text included) is put down to the
+    disk; other failures pass through as they are, however little room is left."""
+    ctx = RunContext(config_for(tmp_path), "2026-11-01")
+
+    def full(_ctx, out):  # noqa: ANN001, ANN202
+        (out / "part-0").write_bytes(b"x")
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as exc:
+            raise RuntimeError("a writer's own wrapper") from exc
+
+    with pytest.raises(StageError, match=r"^ingest: no space left under .* MiB free\); nothing"):
+        stages.run_stage(ctx, "ingest", full, upstream=None)
+    assert not ctx.stage_dir("ingest").exists() and not atomic.leftovers(ctx.run_dir)
+
+    def java(_ctx, _out):  # noqa: ANN001, ANN202
+        raise RuntimeError("Py4JJavaError: ...\njava.io.IOException: No space left on device")
+
+    with pytest.raises(StageError, match="no space left"):
+        stages.run_stage(ctx, "ingest", java, upstream=None)
+
+    def bad(_ctx, _out):  # noqa: ANN001, ANN202
+        raise ValueError("not the disk")
+
+    with pytest.raises(ValueError, match="not the disk"):
+        stages.run_stage(ctx, "ingest", bad, upstream=None)
+    assert stages.disk_full(DataError("no rows"), tmp_path) is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_failure_on_a_nearly_full_disk_is_put_down_to_the_disk(tmp_path):
+    """A writer that does not say ENOSPC (``torch.save``: "iostream error") on a disk that is
+    full: a tmpfs of 2 MiB, filled."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)]).returncode:
+        pytest.skip("mount refused (no CAP_SYS_ADMIN)")
+    try:
+        (mount / "ballast").write_bytes(b"\0" * (1 << 20))
+        ctx = RunContext(config_for(tmp_path, f"data.root={mount}"), "2026-11-01")
+
+        def iostream(_ctx, _out):  # noqa: ANN001, ANN202
+            raise RuntimeError("basic_ios::clear: iostream error")
+
+        with pytest.raises(StageError, match=r"train: no space left under .*small/2026-11-01"):
+            stages.run_stage(ctx, "train", iostream, upstream=None)
+        assert stages.disk_full(DataError("a data error"), mount) is None  # not the disk's
+    finally:
+        subprocess.run(["umount", "-l", str(mount)])

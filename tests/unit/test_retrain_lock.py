@@ -1,5 +1,5 @@
-"""The retrain lock (``flock``, held by the kernel) raced by real processes, and the budget
-enforced on a child process group."""
+"""The retrain lock (``flock``, held by the kernel) raced by real processes, a run date's lock
+refusing a second run of that date, and the budget enforced on a child process group."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.retrain import LOCK_FILE, Busy, OverBudget, retrain_lock, run_with_budget
+from core.atomic import Busy, exclusive_lock
+from core.layout import RUN_LOCK
+from pipelines.cli import main
+from pipelines.retrain import LOCK_FILE, OverBudget, retrain_lock, run_with_budget
 
 # One contender: on each "go N" it takes the lock the way cmd_retrain does; holding it, it
 # records round N in the shared file, says "ran" and keeps the lock until told "release";
@@ -21,7 +24,8 @@ from pipelines.retrain import LOCK_FILE, Busy, OverBudget, retrain_lock, run_wit
 CONTENDER = """
 import sys
 from pathlib import Path
-from pipelines.retrain import Busy, retrain_lock
+from core.atomic import Busy
+from pipelines.retrain import retrain_lock
 
 root, record = Path(sys.argv[1]), Path(sys.argv[2])
 print("ready", flush=True)
@@ -116,6 +120,26 @@ def test_a_lock_held_by_a_killed_process_is_free_at_once(tmp_path):
     with retrain_lock(tmp_path) as path:  # no waiting, no stale-lock logic: the kernel freed it
         assert path.read_text().strip() == str(os.getpid())
     assert time.monotonic() - t0 < 1.0
+
+
+def test_a_second_run_of_the_same_date_stops_at_once_in_one_line_and_tracks_nothing(
+    tmp_path, capsys
+):
+    """Held by another process in life; here by this one on another descriptor, the same to
+    ``flock``. The refused run starts no Spark and makes no MLflow run; another date runs on."""
+    root, store = tmp_path / "data", tmp_path / "mlflow.db"
+    argv = ["run", "--run-date", "2026-11-01", "--to", "ingest", "--set", f"data.root={root}",
+            "--set", f"tracking.uri=sqlite:///{store}"]  # fmt: skip
+    with exclusive_lock(root / "2026-11-01" / RUN_LOCK):
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [
+            f"zipfline: error: another run of 2026-11-01 is in flight (pid {os.getpid()}) on "
+            f"{root / '2026-11-01'}; wait for it to end, then run the same command again "
+            "(what it finished is reused)"
+        ]
+        assert not store.exists()  # nothing tracked, not even a failed parent run
+        assert not (root / "2026-11-01" / "ingest").exists()
 
 
 # A stand-in for the pipeline run: a child that forks two grandchildren and sleeps past any
