@@ -157,23 +157,53 @@ def up(run_dir: Path, worker_memory: str = "2g") -> None:
     for sub in ("pids", "logs"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
     env = environment()
-    started = []
-    for service in services(run_dir, worker_memory):
-        for folder in service.argv:  # the work and local directories
-            if folder.startswith(str(run_dir)) and not folder.endswith(".db"):
-                Path(folder).mkdir(parents=True, exist_ok=True)
-        log = (run_dir / "logs" / f"{service.name}.log").open("wb")  # fresh: read for readiness
-        proc = subprocess.Popen(service.argv, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True, cwd=run_dir)  # fmt: skip
-        _pid_file(run_dir, service.name).write_text(f"{proc.pid} {_start_time(proc.pid)}")
-        started.append((service, proc))
-        if service.port is not None:
-            _wait_for(service, proc, run_dir)
+    started = [
+        (service, _start(run_dir, service, env)) for service in services(run_dir, worker_memory)
+    ]
     _wait_for_workers(run_dir, started)
     print(f"cluster: up in {run_dir} (pids in pids/, logs in logs/)")
     print(f"  spark://{HOST}:{SPARK_PORT}  (UI http://{HOST}:{SPARK_UI_PORT})")
     print(f"  dask   tcp://{HOST}:{DASK_PORT}")
     print(f"  mlflow http://{HOST}:{MLFLOW_PORT}")
+
+
+def _start(run_dir: Path, service: Service, env: dict[str, str]) -> subprocess.Popen:
+    """Start one service in a session of its own, its pid file written; where it has a port,
+    return once the port answers."""
+    for folder in service.argv:  # the work and local directories
+        if folder.startswith(str(run_dir)) and not folder.endswith(".db"):
+            Path(folder).mkdir(parents=True, exist_ok=True)
+    log = (run_dir / "logs" / f"{service.name}.log").open("wb")  # fresh: read for readiness
+    proc = subprocess.Popen(service.argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True, cwd=run_dir)  # fmt: skip
+    _pid_file(run_dir, service.name).write_text(f"{proc.pid} {_start_time(proc.pid)}")
+    if service.port is not None:
+        _wait_for(service, proc, run_dir)
+    return proc
+
+
+def stop_service(run_dir: Path, name: str) -> None:
+    """Stop one running service (SIGTERM to its group, SIGKILL after the grace period), as
+    ``down`` stops them all: for the fault bench, which stops the tracking server mid-run."""
+    run_dir = run_dir.resolve()
+    pgid = running(run_dir).get(name)
+    if pgid is None:
+        raise SystemExit(f"cluster: {name} is not running in {run_dir}")
+    _signal_group(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        _reap()
+        time.sleep(0.2)
+    if _group_alive(pgid):
+        _signal_group(pgid, signal.SIGKILL)
+    _pid_file(run_dir, name).unlink(missing_ok=True)
+
+
+def start_service(run_dir: Path, name: str, worker_memory: str = "2g") -> None:
+    """Start one service of the cluster again (after :func:`stop_service`)."""
+    run_dir = run_dir.resolve()
+    service = next(s for s in services(run_dir, worker_memory) if s.name == name)
+    _start(run_dir, service, environment())
 
 
 def _wait_for(service: Service, proc: subprocess.Popen, run_dir: Path) -> None:
