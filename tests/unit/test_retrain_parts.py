@@ -10,13 +10,13 @@ import pytest
 
 import pipelines.flow
 import pipelines.retrain
+from core.atomic import Busy
 from core.errors import DataError
 from core.layout import StageResult
 from pipelines.cli import main
 from pipelines.retrain import (
     RESULT_FILE,
     WATERMARK_FILE,
-    Busy,
     log_line,
     read_watermark,
     retrain_lock,
