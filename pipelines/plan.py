@@ -17,7 +17,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from core.layout import RunContext
-from trainers.commodel import MODES, Link, measure_costs, measure_link, predict
+from trainers.commodel import (
+    MODES,
+    Link,
+    fitted_links,
+    measure_costs,
+    measure_link,
+    measure_loaded,
+    predict,
+)
 from trainers.plots import scaling
 from trainers.spec import TrainSpec
 
@@ -34,22 +42,32 @@ def run_plan(
     if bandwidth is None or latency is None:
         print("zipfline plan: measuring gloo between two processes of this machine …",
               file=sys.stderr, flush=True)  # fmt: skip
-        measured = measure_link()
-        link = Link(latency if latency is not None else measured.latency_s,
-                    bandwidth if bandwidth is not None else measured.bandwidth)  # fmt: skip
-        source = "measured on this machine (gloo, loopback)"
+        p2p, ring = measure_link()
+        idle = {"link": p2p.latency_s, "collective_link": ring.latency_s}
+        print("zipfline plan: measuring two workers' sync steps and async pushes …",
+              file=sys.stderr, flush=True)  # fmt: skip
+        costs, p2p, ring = fitted_links(costs, p2p, ring, measure_loaded(spec))
+        if latency is not None or bandwidth is not None:  # one given: it holds for both links
+            p2p, ring = (Link(latency if latency is not None else m.latency_s,
+                              bandwidth if bandwidth is not None else m.bandwidth)
+                         for m in (p2p, ring))  # fmt: skip
+        source = "measured on this machine (gloo, loopback; latencies fitted to two workers)"
     else:
-        link, source = Link(latency, bandwidth), "given"
+        p2p = ring = Link(latency, bandwidth)
+        source, idle = "given", {}
     rows = []
     for n in workers:
         per_n = dataclasses.replace(costs, average_bytes=average[n])
         for mode in MODES:
-            rows.append(dataclasses.asdict(predict(per_n, link, mode, n)))
+            rows.append(dataclasses.asdict(predict(per_n, p2p, mode, n, collective=ring)))
     plan = {
         "run_date": ctx.run_date, "costs": dataclasses.asdict(costs),
         "average_bytes_by_workers": average,
-        "link": dataclasses.asdict(link) | {"source": source}, "predictions": rows,
+        "link": dataclasses.asdict(p2p) | {"source": source},
+        "collective_link": dataclasses.asdict(ring) | {"source": source}, "predictions": rows,
     }  # fmt: skip
+    for key, seconds in idle.items():  # what the fit started from: the links with nothing else on
+        plan[key]["idle_latency_s"] = seconds
     out = ctx.run_dir / "plan"
     out.mkdir(parents=True, exist_ok=True)
     (out / "plan.json").write_text(json.dumps(plan, indent=2))
@@ -83,13 +101,16 @@ def _log(ctx: RunContext, paths: Sequence[Any]) -> str | None:
 
 def format_plan(plan: dict[str, Any]) -> str:
     c, link = plan["costs"], plan["link"]
+    ring = plan.get("collective_link", link)
     lines = [
         f"one worker: {c['compute_s'] * 1e3:.2f} ms a step of {c['batch']} rows "
         f"({c['batch'] / c['compute_s']:,.0f} samples/s), {c['cores']} cores; bytes a step: "
         f"sync {c['exchange_bytes']:,.0f}, async push {c['push_bytes']:,.0f}; "
         f"async server {c['server_s'] * 1e3:.2f} ms a push",
-        f"link: latency {link['latency_s'] * 1e6:.0f} us, bandwidth {link['bandwidth'] / 1e6:,.0f} "
-        f"MB/s ({link['source']})",
+        f"async's messages: latency {link['latency_s'] * 1e6:.0f} us, bandwidth "
+        f"{link['bandwidth'] / 1e6:,.0f} MB/s; a collective's round: latency "
+        f"{ring['latency_s'] * 1e6:.0f} us, bandwidth {ring['bandwidth'] / 1e6:,.0f} MB/s "
+        f"({link['source']}); sync's merge of another worker's rows {c['merge_s'] * 1e3:.2f} ms",
         "",
         f"{'workers':>8}{'mode':>11}{'step ms':>10}{'samples/s':>12}{'efficiency':>12}",
     ]

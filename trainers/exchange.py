@@ -30,7 +30,7 @@ HEADER = 8  # bytes: the row count, int64
 GROWTH = 1.25  # room for this many times the largest count seen, after an overflow
 
 
-def _gather(buffer: torch.Tensor, world_size: int) -> torch.Tensor:
+def gather_flat(buffer: torch.Tensor, world_size: int) -> torch.Tensor:
     """Every rank's ``buffer`` (equal sizes), concatenated in rank order."""
     out = torch.empty(world_size * buffer.numel(), dtype=buffer.dtype)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -123,7 +123,7 @@ class RowExchange:
         rows, values, dense = self._local()
         room = self.capacity
         buf = self._pack(rows, values, dense, room)
-        counts, parts, summed = self._unpack(_gather(buf, self.world_size), room, header=True)
+        counts, parts, summed = self._unpack(gather_flat(buf, self.world_size), room, header=True)
         all_rows = [r[: min(n, room)] for (r, _), n in zip(parts, counts, strict=True)]
         all_values = [v[: min(n, room)] for (_, v), n in zip(parts, counts, strict=True)]
         sent = buf.numel()
@@ -132,7 +132,7 @@ class RowExchange:
             more = largest - room
             more += more % 2
             extra = self._pack(rows[room:], values[room:], None, more)
-            _, rest, _ = self._unpack(_gather(extra, self.world_size), more, header=False)
+            _, rest, _ = self._unpack(gather_flat(extra, self.world_size), more, header=False)
             for (r, v), n in zip(rest, counts, strict=True):
                 all_rows.append(r[: max(n - room, 0)])
                 all_values.append(v[: max(n - room, 0)])
@@ -154,3 +154,45 @@ class RowExchange:
             for p, grad in zip(self.dense, split_like(summed, self.dense), strict=True):
                 p.grad = grad
         return sent
+
+
+class ReplicaAverage:
+    """Local SGD's average: makes every rank's replica of ``model`` the mean of all. Dense
+    layers are averaged whole; of the embedding only the rows some rank touched since the last
+    average (the others are equal everywhere already): three all-reduces, the touched flags
+    (MAX), those rows and the dense layers. One call per average; it clears ``touched``."""
+
+    def __init__(self, model: NgramClassifier, world_size: int) -> None:
+        self.model = model
+        self.world_size = world_size
+        weight = model.embedding.weight
+        # Gathered into a buffer kept between averages: a fresh one of tens of MB costs more in
+        # page faults than the copy itself; the mean is taken in place.
+        self.buffer = torch.empty(0, dtype=weight.dtype, device=weight.device)
+
+    def __call__(self, touched: torch.Tensor) -> int:
+        """Average; the bytes this rank sent."""
+        flags = touched.clone()
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        rows = flags.nonzero().squeeze(1)
+        weight = self.model.embedding.weight
+        sent = flags.numel() * flags.element_size()
+        with torch.no_grad():
+            if len(rows):
+                size = len(rows) * weight.shape[1]
+                if self.buffer.numel() < size:  # never more than the table itself
+                    self.buffer = weight.new_empty(min(int(size * 1.25), weight.numel()))
+                values = self.buffer[:size].view(len(rows), weight.shape[1])
+                torch.index_select(weight, 0, rows, out=values)
+                dist.all_reduce(values)
+                values.mul_(1.0 / self.world_size)
+                weight.index_copy_(0, rows, values)
+                sent += values.numel() * values.element_size()
+            dense = self.model.dense_parameters()
+            flat = torch.cat([p.reshape(-1) for p in dense])
+            dist.all_reduce(flat)
+            flat /= self.world_size
+            for p, mean in zip(dense, split_like(flat, dense), strict=True):
+                p.copy_(mean)
+        touched.zero_()
+        return sent + flat.numel() * flat.element_size()

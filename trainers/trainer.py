@@ -31,9 +31,9 @@ from core.config import TrainConfig
 from core.errors import ConfigError
 from trainers import async_ps
 from trainers.data import ShardData, check_featurizer, load_manifest, read_split
-from trainers.exchange import RowExchange
+from trainers.exchange import ReplicaAverage, RowExchange
 from trainers.kernels import train_examples, warm_hogwild
-from trainers.model import NgramClassifier, UnsafeFile, load_tensors, split_like
+from trainers.model import NgramClassifier, UnsafeFile, load_tensors
 from trainers.shared import share_tensors
 from trainers.spec import TrainSpec
 
@@ -328,7 +328,7 @@ class Trainer:
         self._touched = torch.zeros(
             self.model_spec.num_buckets, dtype=torch.uint8, device=self.device
         )
-        self._average_buffer = torch.empty(0, dtype=self.precision.param_dtype, device=self.device)
+        self._average = ReplicaAverage(self.model, self.world_size)
         self.sync_reason = f"train.mode={self.cfg.mode}"
         if self.cfg.mode == "shared" and self.world_size == 1:
             self.sync_reason = "train.mode=shared: one worker, nothing to share"
@@ -532,31 +532,7 @@ class Trainer:
         if self.world_size == 1:
             return  # one replica agrees with itself
         t0 = time.perf_counter()
-        touched = self._touched.clone()
-        dist.all_reduce(touched, op=dist.ReduceOp.MAX)
-        rows = touched.nonzero().squeeze(1)
-        weight = self.model.embedding.weight
-        sent = touched.numel()
-        if len(rows):
-            # Gathered into a buffer kept between averages: a fresh one of tens of MB costs more
-            # in page faults than the copy itself; the mean is taken in place.
-            size = len(rows) * weight.shape[1]
-            if self._average_buffer.numel() < size:  # never more than the table itself
-                self._average_buffer = weight.new_empty(min(int(size * 1.25), weight.numel()))
-            values = self._average_buffer[:size].view(len(rows), weight.shape[1])
-            torch.index_select(weight, 0, rows, out=values)
-            dist.all_reduce(values)
-            values.mul_(1.0 / self.world_size)
-            weight.index_copy_(0, rows, values)
-            sent += values.numel() * values.element_size()
-        dense = self.model.dense_parameters()
-        flat = torch.cat([p.reshape(-1) for p in dense])
-        dist.all_reduce(flat)
-        flat /= self.world_size
-        self.bytes_sent += sent + flat.numel() * flat.element_size()
-        for p, mean in zip(dense, split_like(flat, dense), strict=True):
-            p.copy_(mean)
-        self._touched.zero_()
+        self.bytes_sent += self._average(self._touched)  # and clears the touched flags
         self.comm_seconds += time.perf_counter() - t0
 
     def param_checksum(self) -> float:

@@ -209,6 +209,14 @@ def test_reruns_of_the_flow_redo_what_changed_and_reuse_the_rest(finished_run, c
     assert f"MLflow run {latest}" in printed
     logged = {a.path for a in client.list_artifacts(latest, "plan")}
     assert logged == {"plan/plan.json", "plan/plan.png"}
+    # the bandwidth given, the latencies measured: idle, then fitted to two workers computing
+    assert main(["plan", "--run-date", run.run_date, "--workers", "1,2", "--bandwidth", "1e8",
+                 *run.sets()]) == 0  # fmt: skip
+    assert "latencies fitted to two workers" in capsys.readouterr().out
+    plan = json.loads((run.run_dir / "plan" / "plan.json").read_text())
+    for link in (plan["link"], plan["collective_link"]):
+        assert link["bandwidth"] == 1e8 and link["latency_s"] >= link["idle_latency_s"] > 0
+    assert plan["costs"]["loaded_compute_s"] > 0 and plan["costs"]["average_s"] >= 0
     with pytest.raises(SystemExit) as usage:  # a bad count: argparse's usage error
         main(["plan", "--workers", "0,2", *run.sets()])
     assert usage.value.code == 2 and "worker counts such as 1,2,4,8,16" in capsys.readouterr().err
